@@ -1,0 +1,5 @@
+import sys
+
+from pretag.cli import main
+
+sys.exit(main())

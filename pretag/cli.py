@@ -1,0 +1,79 @@
+"""The ``pretag`` command line: a thin layer over the Python API.
+
+Each subcommand lives in ``pretag/commands/<name>.py`` and defines ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args) -> int``. Command modules import heavy libraries inside ``run`` so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+# name -> module; the order is the order in `pretag --help`
+COMMANDS = {
+    "label": "pretag.commands.label",
+    "tokenize": "pretag.commands.tokenize",
+    "train": "pretag.commands.train",
+    "generate": "pretag.commands.generate",
+    "eval": "pretag.commands.eval",
+    "experiment": "pretag.commands.experiment",
+    "serve": "pretag.commands.serve",
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one clear message, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretag", description="Conditional pretraining with control tags: label, train, control, evaluate."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:  # command not built yet
+                continue
+            raise
+        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def print_json(obj) -> None:
+    """The one way commands emit machine-readable output (``--json``)."""
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from pretag.schema import SchemaError
+
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, SchemaError, FileNotFoundError) as e:
+        print(f"pretag {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pretag {args.command}: interrupted; finished work is kept, run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
