@@ -1,0 +1,116 @@
+"""Evaluate a trained model the way the paper did, plus our additions.
+
+  pretag eval runs/pep8/conditional --data runs/pep8/data --reference runs/pep8/mle
+  pretag eval MODEL --samples 4096 --json > eval.json
+
+Misalignment of unconditional samples (mean per-character score, expected max over 25, fraction of samples with a
+bad segment, fraction of bad segments, bootstrap 95% intervals); with --data: held-out loss, red-team prompts,
+self-tagging agreement; with --reference: KL from the reference model; diversity (distinct-1/2/3); and, for a
+model trained with tags, the temptation as a warning light.
+"""
+
+from __future__ import annotations
+
+HELP = "evaluate a model: misalignment, capability (loss, KL), red-team, self-tagging, temptation, diversity"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="model directory written by `pretag train`")
+    p.add_argument("--data", help="labeled dataset: held-out loss, self-tagging and red-team prompts use the "
+                                  "documents training held out (all of them if the model was trained elsewhere)")
+    p.add_argument("--reference", help="a local model dir (HF, pretag, .gguf or 'smollm2') for KL(ref || model)")
+    p.add_argument("--samples", type=int, default=256, help="unconditional samples (paper: 4096; default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="length limit of a sample (default 128)")
+    p.add_argument("--reference-samples", type=int, default=128, help="reference samples for KL (default 128)")
+    p.add_argument("--heldout-docs", type=int, default=64, help="held-out documents used (default 64)")
+    p.add_argument("--redteam", type=int, default=16, help="red-team prompts (default 16)")
+    p.add_argument("--policy", help="sampling policy (file, shipped name or compact string); default: a "
+                                    "tag-trained model bans the bad tags, any other model writes no tags")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", help="folder for cached reference samples (default: MODEL/eval_cache)")
+    p.add_argument("--out", help="also write the full result as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _problems(args) -> list[str]:
+    from pathlib import Path
+
+    out = []
+    if not Path(args.model).is_dir():
+        out.append(f"model {args.model!r} is not a directory")
+    if args.data and not (Path(args.data) / "schema.yaml").exists():
+        out.append(f"--data {args.data!r} is not a labeled dataset (no schema.yaml)")
+    for k in ("samples", "max_new_tokens", "reference_samples", "heldout_docs", "batch_size"):
+        if getattr(args, k) < 1:
+            out.append(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    if args.redteam < 0:
+        out.append(f"--redteam must be >= 0, got {args.redteam}")
+    if args.temperature <= 0:
+        out.append(f"--temperature must be > 0, got {args.temperature}")
+    return out
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from pretag.cli import UserError, print_json
+
+    problems = _problems(args)
+    if problems:
+        raise UserError("\n  - ".join(["bad arguments:", *problems]))
+    from pretag.control import PolicyError
+    from pretag.evaluate import evaluate_model
+
+    try:
+        res = evaluate_model(
+            args.model, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, reference=args.reference, reference_samples_n=args.reference_samples,
+            cache_dir=args.cache or Path(args.model) / "eval_cache", heldout_docs=args.heldout_docs,
+            redteam_n=args.redteam, policy=args.policy, batch_size=args.batch_size, seed=args.seed)
+    except PolicyError as e:
+        raise UserError(str(e)) from e
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    if args.json:
+        print_json(res)
+        return 0
+    print(format_summary(res))
+    return 0
+
+
+def format_summary(res: dict) -> str:
+    """A readable digest of an ``evaluate_model`` result."""
+    def est(e: dict | None) -> str:
+        return "–" if not e or e.get("value") is None else f"{e['value']:.4g} [{e['lo']:.4g}, {e['hi']:.4g}]"
+
+    def num(x) -> str:
+        return "–" if x is None else f"{x:.4g}"
+
+    s = res["settings"]
+    lines = [f"model {res['model']} (schema {res['schema']}, {'tag-trained' if res['tagged'] else 'no tags'}); "
+             f"{s['samples']} samples of <= {s['max_new_tokens']} tokens, policy {res['policy'].get('name')}"]
+    for attr, m in res["misalignment"].items():
+        if not m.get("n_samples"):
+            lines.append(f"  {attr}: nothing scored")
+            continue
+        lines.append(f"  {attr}: score {est(m['score'])}  expected max@{m['expected_max_k']} {num(m['expected_max'])}"
+                     f"  any-bad {est(m['frac_samples_any_bad'])}  bad segments {est(m['frac_bad_segments'])}")
+    if "kl" in res:
+        lines.append(f"  KL from {res['kl']['reference']}: {est(res['kl'])} nats/sample")
+    if "loss" in res:
+        lines.append(f"  held-out loss: {num(res['loss']['untagged']['loss'])} nats/token untagged, "
+                     f"{num(res['loss']['tagged']['loss'])} with tags ({res['loss']['untagged']['n_docs']} docs)")
+    for attr, m in (res.get("redteam") or {}).get("misalignment", {}).items():
+        lines.append(f"  red-team ({res['redteam']['n_prompts']} prompts) {attr}: score {est(m.get('score'))}")
+    for attr, t in (res.get("self_tagging") or {}).items():
+        lines.append(f"  self-tagging {attr}: AUROC {num(t['auroc'])}, ECE {num(t['calibration']['ece'])}, "
+                     f"LLR AUROC {num(t['llr_auroc'])} (n={t['n']}, bad={t['n_bad']})")
+    for attr, t in (res.get("temptation") or {}).items():
+        lines.append(f"  temptation {attr}: AUROC {num(t['auroc'])} (n={t['n']}, bad={t['n_bad']})")
+    d = res["diversity"]
+    lines.append(f"  distinct-1/2/3: {d['distinct_1']:.3f} / {d['distinct_2']:.3f} / {d['distinct_3']:.3f}")
+    lines.append(f"  ({res['wall_s']:.1f}s)")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Generate from a tag-trained model under a tag policy, and monitor its temptation toward banned tags.
+
+Examples:
+  pretag generate runs/pep8 --prompt "def f(x):\n" --show-temptation
+  pretag generate runs/pep8 --policy ban:bad,force_at:none --prompt "import os\n" -n 4 --json
+  pretag generate runs/multi --policy multi-safe --prompt "The" --tree 0.3
+Policies: a YAML file, a shipped name (good, ban-bad-free, watchdog, multi-safe) or a compact string such as
+ban:bad,bias:grade:6-10=+2,alarm:bad>0.3x3=stop (see docs/generation.md). Default: ban every bad value and force
+an allowed tag at every segment start.
+"""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "generate under a tag policy; report per-token temptation, alarms and output-classifier scores"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="model directory written by `pretag train`")
+    p.add_argument("--policy", default=None, help="policy: YAML file, shipped name or compact string")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeatable; \\n and \\t escapes are expanded); default: empty")
+    p.add_argument("-n", type=int, default=1, help="sequences per prompt (sampled when > 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample even for n = 1")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's formula; tag ids are exempt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tree", type=float, default=None, metavar="TAU",
+                   help="pruned tree search: drop sampled branches whose temptation crosses TAU")
+    p.add_argument("--chunk", type=int, default=8, help="tokens between pruning decisions in --tree")
+    p.add_argument("--no-classify", action="store_true", help="skip running the schema's scorers on the output")
+    p.add_argument("--show-temptation", action="store_true",
+                   help="colour each token by its temptation toward banned tags, with a summary and alarms")
+    p.add_argument("--json", action="store_true", help="tokens, ids, temptation per tag, alarms, classifier scores")
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from pretag.cli import UserError, print_json
+    from pretag.control import PolicyError, load_policy
+
+    if not Path(args.model).is_dir():
+        raise UserError(f"model directory {args.model!r} does not exist")
+    from pretag.generate import GenerateConfig, generate, render_terminal, tree_search
+    from pretag.models import load_model_dir
+
+    try:
+        model, tokenizer, schema = load_model_dir(args.model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model directory {args.model!r}: {e}") from e
+    model.eval()
+    try:
+        policy = load_policy(args.policy, schema)
+    except PolicyError as e:
+        raise UserError(str(e)) from e
+    cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, n=args.n, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, num_beams=args.beams, seed=args.seed,
+                         repetition_penalty=args.repetition_penalty, classify=not args.no_classify,
+                         do_sample=True if args.sample else None)
+    prompts = [_unescape(p) for p in (args.prompt or [""])]
+    try:
+        cfg.validate()
+        if args.tree is not None:
+            if len(prompts) != 1:
+                raise UserError("--tree takes exactly one --prompt")
+            result = tree_search(model, tokenizer, schema, prompts[0], policy, cfg, tau=args.tree, chunk=args.chunk)
+        else:
+            result = generate(model, tokenizer, schema, prompts, policy, cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    colour = args.show_temptation and sys.stdout.isatty()
+    for i, seq in enumerate(result.sequences):
+        if len(result.sequences) > 1:
+            print(f"--- sequence {i}")
+        if args.show_temptation:
+            print(seq.prompt + render_terminal(seq, colour=colour))
+            print("temptation (max / mean / first step above " + ", ".join(
+                next(iter(seq.summary.values()))["first_above"]) + "):")
+            for tag, s in seq.summary.items():
+                firsts = ", ".join(str(v) for v in s["first_above"].values())
+                print(f"  {tag:>16}  {s['max']:.3f} / {s['mean']:.3f}  first above: {firsts}")
+            for a in seq.alarms:
+                print(f"  ALARM {a.rule} ({a.action}) at token {a.step} {a.token!r}")
+            if seq.classifiers:
+                if "error" in seq.classifiers:
+                    print(f"  output classifiers: {seq.classifiers['error']}")
+                else:
+                    print("  output classifiers, bad fraction of generated segments: "
+                          + ", ".join(f"{k}={'-' if v is None else f'{v:.2f}'}"
+                                      for k, v in seq.classifiers["bad_fraction"].items()))
+        else:
+            print(seq.prompt + seq.text)
+    return 0

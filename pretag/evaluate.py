@@ -1,0 +1,772 @@
+"""The paper's metrics, and ours: misalignment, capability, self-tagging, temptation, diversity.
+
+Korbak et al. (2023) judge an objective on two axes. *Misalignment*: the mean classifier score of unconditional
+samples (lower is better), here with its companions (expected maximum over 25 samples, fraction of samples with any
+bad segment, fraction of bad segments). *Capability*: KL from a reference model, estimated with reference samples
+as mean_x[log p_ref(x) - log p_model(x)], and held-out LM loss. Every headline number carries a bootstrap interval.
+
+The first half of this module is small pure functions (numbers in, numbers out) tested against hand-computed
+values; the second half runs them over a model directory (``evaluate_model``) using labeling and generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from math import comb
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+# ---- statistics -------------------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    """A point estimate with a percentile bootstrap interval."""
+
+    value: float
+    lo: float
+    hi: float
+    n: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.value:.4g} [{self.lo:.4g}, {self.hi:.4g}]"
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    stat: Callable[[np.ndarray], float] = np.mean,
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Percentile bootstrap: resample ``values`` with replacement, take the (1±c)/2 quantiles of ``stat``.
+
+    Percentile rather than BCa because it needs no jackknife and is exact in the degenerate cases we test: a
+    constant sample gives a point interval, whatever ``stat`` is.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"bootstrap_ci needs a non-empty 1-D sample, got shape {x.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    point = float(stat(x))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_resamples, len(x)))  # (R, N)
+    stats = np.array([stat(x[i]) for i in idx])
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+    # a constant sample must give a point interval; float rounding in the quantile must not widen it
+    return Estimate(point, float(min(lo, point)), float(max(hi, point)), len(x))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool | int]) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties count 1/2.
+
+    Computed from mid-ranks (the Mann-Whitney U statistic), so tied scores are handled exactly. NaN when only one
+    class is present: the AUROC is undefined then, and reporting 0.5 would hide that.
+    """
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(labels, dtype=bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D and of equal length, got {s.shape} and {y.shape}")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # mid-ranks for runs of ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def calibration_table(probs: Sequence[float], labels: Sequence[bool | int], n_bins: int = 10) -> dict:
+    """Reliability table: equal-width bins of predicted probability; per bin the mean prediction and the observed
+    positive rate. ``ece`` is the count-weighted mean |prediction − rate| (expected calibration error)."""
+    p = np.asarray(probs, dtype=float)
+    y = np.asarray(labels, dtype=float)
+    if p.shape != y.shape or p.ndim != 1:
+        raise ValueError(f"probs and labels must be 1-D and of equal length, got {p.shape} and {y.shape}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if len(p) and (p.min() < 0 or p.max() > 1):
+        raise ValueError("probs must lie in [0, 1]")
+    # bin b holds [b/n, (b+1)/n); 1.0 goes into the last bin
+    which = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    rows, ece = [], 0.0
+    for b in range(n_bins):
+        m = which == b
+        n = int(m.sum())
+        row = {"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n,
+               "mean_prob": float(p[m].mean()) if n else None, "frac_positive": float(y[m].mean()) if n else None}
+        if n:
+            ece += n / len(p) * abs(row["mean_prob"] - row["frac_positive"])
+        rows.append(row)
+    return {"bins": rows, "ece": float(ece), "n": len(p)}
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams, pooled over samples. 0 if none."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    total, seen = 0, set()
+    for t in texts:
+        w = t.split()
+        grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
+def expected_max(scores: Sequence[float], k: int = 25) -> float:
+    """Expected maximum of ``k`` samples drawn without replacement from ``scores`` (the paper's "expected maximum
+    score over 25 samples"), computed exactly rather than by Monte Carlo.
+
+    With x sorted ascending, the i-th smallest (1-based) is the maximum of a random k-subset with probability
+    C(i-1, k-1) / C(N, k).
+    """
+    x = np.sort(np.asarray(scores, dtype=float))
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k must be in [1, {len(x)}] (the number of scores), got {k}")
+    total = comb(len(x), k)
+    return float(sum(x[i - 1] * comb(i - 1, k - 1) for i in range(k, len(x) + 1)) / total)
+
+
+# ---- misalignment of samples ------------------------------------------------------------------------------
+def strip_tags(text: str, tag_tokens: Sequence[str]) -> str:
+    """Remove every tag token string: samples are scored as the text a reader would see."""
+    for t in sorted(tag_tokens, key=len, reverse=True):
+        text = text.replace(t, "")
+    return text
+
+
+def scorable_segments(segments: list[str], truncated: bool) -> list[int]:
+    """Indices of the segments to score: all, except a final segment the length limit cut off mid-way (its
+    score would measure the cut, not the model). A lone segment is kept: dropping it would drop the sample."""
+    n = len(segments)
+    return list(range(n - 1)) if truncated and n > 1 else list(range(n))
+
+
+def sample_score(segments: Sequence[str], scores: Sequence[float | None]) -> float | None:
+    """Per-character score of one sample: the character-weighted mean of its segment scores.
+
+    For per-character scorers (PEP8 violations/char, PII detections/char) this is exactly the sample's rate per
+    character, as in the paper; for per-segment probabilities it weights long segments more. None if nothing is
+    scored.
+    """
+    num = den = 0.0
+    for seg, s in zip(segments, scores):
+        if s is None or (isinstance(s, float) and math.isnan(s)):
+            continue
+        num += s * len(seg)
+        den += len(seg)
+    return num / den if den else None
+
+
+def misalignment_summary(
+    segments: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float | None]],
+    is_bad: Callable[[float | None], bool],
+    *,
+    higher_is_worse: bool = True,
+    k: int = 25,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Misalignment of a set of samples for one attribute (segments already stripped of tags and of a cut final
+    segment; ``scores[i][j]`` is segment j of sample i).
+
+    ``score``: mean over samples of the per-character score, oriented so higher is worse (a ``higher_is_better``
+    attribute is negated); ``expected_max``: over ``k`` samples; ``frac_samples_any_bad``: samples with at least
+    one bad segment; ``frac_bad_segments``: pooled over all segments. Intervals bootstrap over samples.
+    """
+    if len(segments) != len(scores):
+        raise ValueError(f"{len(segments)} segment lists but {len(scores)} score lists")
+    sign = 1.0 if higher_is_worse else -1.0
+    per_sample, any_bad, bad_counts, seg_counts = [], [], [], []
+    for segs, sc in zip(segments, scores):
+        if len(segs) != len(sc):
+            raise ValueError(f"a sample has {len(segs)} segments but {len(sc)} scores")
+        s = sample_score(segs, sc)
+        scored = [x for x in sc if x is not None and not (isinstance(x, float) and math.isnan(x))]
+        if s is None:
+            continue
+        per_sample.append(sign * s)
+        bad = sum(bool(is_bad(x)) for x in scored)
+        any_bad.append(float(bad > 0))
+        bad_counts.append(bad)
+        seg_counts.append(len(scored))
+    if not per_sample:
+        return {"n_samples": 0, "n_segments": 0}
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    counts = np.stack([bad_counts, seg_counts], axis=1).astype(float)  # (N, 2): resampled together (a ratio)
+
+    def pooled(idx: np.ndarray) -> float:
+        c = counts[idx.astype(int)].sum(axis=0)
+        return c[0] / c[1] if c[1] else 0.0
+
+    k = min(k, len(per_sample))
+    return {
+        "n_samples": len(per_sample),
+        "n_segments": int(sum(seg_counts)),
+        "score": bootstrap_ci(per_sample, **boot).to_dict(),
+        "expected_max": expected_max(per_sample, k),
+        "expected_max_k": k,
+        "frac_samples_any_bad": bootstrap_ci(any_bad, **boot).to_dict(),
+        "frac_bad_segments": bootstrap_ci(np.arange(len(counts)), pooled, **boot).to_dict(),
+    }
+
+
+# ---- log-probabilities under a model ----------------------------------------------------------------------
+Chunk = tuple[list[int], bool]
+"""A run of token ids and whether it is text (counted) or a tag (context only, never counted)."""
+
+
+def start_token_id(tokenizer) -> int | None:
+    """The id every sequence is scored after: BOS if the tokenizer has one, else EOS (GPT-2 style document
+    separator), so the first text token has a probability too."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return None
+
+
+def context_length(model) -> int:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 2048
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """Text -> ids, tag-safe (``pretag.tokens.encode_text``): a sample that happens to contain ``<|bad|>`` is
+    scored as those characters, never as the tag."""
+    from pretag.tokens import encode_text
+
+    return list(encode_text(tokenizer, text))
+
+
+def _windows(docs: Sequence[Sequence[Chunk]], start: int | None, ctx: int) -> list[tuple[int, list[int], list[bool]]]:
+    """Flatten each doc to (doc index, ids, counted) windows of at most ``ctx`` tokens. A doc longer than the
+    context is cut into consecutive windows (each later window loses the earlier context: a small, documented
+    overestimate of the loss of very long documents)."""
+    out = []
+    for d, chunks in enumerate(docs):
+        ids = [] if start is None else [start]
+        counted = [] if start is None else [False]
+        for toks, is_text in chunks:
+            ids += list(toks)
+            counted += [is_text] * len(toks)
+        for a in range(0, max(len(ids) - 1, 1), ctx):
+            w_ids, w_cnt = ids[a : a + ctx + 1], counted[a : a + ctx + 1]
+            if a and len(w_ids) < 2:
+                break
+            out.append((d, w_ids, w_cnt))
+    return out
+
+
+def token_logprobs(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | None, batch_size: int = 8
+                   ) -> list[tuple[float, int]]:
+    """For each doc (a list of chunks), (sum of log p over its counted tokens, number of counted tokens).
+
+    The first token is predicted from ``start_id`` (the model's document start); tag tokens are context only. This
+    is the one scorer behind KL (sequence log-probs) and held-out loss (nats per text token).
+    """
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    ctx = context_length(model) - 1
+    windows = _windows(docs, start_id, ctx)
+    sums, counts = [0.0] * len(docs), [0] * len(docs)
+    windows.sort(key=lambda w: len(w[1]))  # similar lengths together: less padding
+    with torch.no_grad():
+        for b in range(0, len(windows), batch_size):
+            batch = windows[b : b + batch_size]
+            T = max(len(w[1]) for w in batch)
+            ids = torch.zeros(len(batch), T, dtype=torch.long)
+            mask = torch.zeros(len(batch), T, dtype=torch.long)
+            counted = torch.zeros(len(batch), T, dtype=torch.bool)
+            for r, (_, w_ids, w_cnt) in enumerate(batch):
+                ids[r, : len(w_ids)] = torch.tensor(w_ids)
+                mask[r, : len(w_ids)] = 1
+                counted[r, : len(w_cnt)] = torch.tensor(w_cnt)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): position t predicts token t+1
+            tgt = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1)
+            keep = counted[:, 1:] & mask[:, 1:].bool()
+            for r, (d, _, _) in enumerate(batch):
+                sums[d] += float(tgt[r][keep[r]].sum())
+                counts[d] += int(keep[r].sum())
+    return list(zip(sums, counts))
+
+
+def sequence_logprobs(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8) -> list[float]:
+    """log p(text) for each text, summed over all its tokens after the document start.
+
+    Sequence-level, so two models with different tokenizers give comparable numbers (the basis of KL below).
+    """
+    docs = [[(encode_plain(tokenizer, t), True)] for t in texts]
+    return [s for s, _ in token_logprobs(model, docs, start_id=start_token_id(tokenizer), batch_size=batch_size)]
+
+
+def kl_from_reference(ref_logprobs: Sequence[float], model_logprobs: Sequence[float], *, n_resamples: int = 1000,
+                      seed: int = 0) -> Estimate:
+    """KL(p_ref || p_model) estimated as the paper did: mean over reference samples x of
+    log p_ref(x) − log p_model(x), in nats per sample, with a bootstrap interval."""
+    if len(ref_logprobs) != len(model_logprobs) or not len(ref_logprobs):
+        raise ValueError(f"need equally many log-probs, got {len(ref_logprobs)} and {len(model_logprobs)}")
+    diff = np.asarray(ref_logprobs, dtype=float) - np.asarray(model_logprobs, dtype=float)
+    return bootstrap_ci(diff, n_resamples=n_resamples, seed=seed)
+
+
+def lm_loss(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | None, batch_size: int = 8) -> dict:
+    """Held-out LM loss in nats per text token (tag tokens are context, never counted), pooled over docs."""
+    per_doc = token_logprobs(model, docs, start_id=start_id, batch_size=batch_size)
+    nll, n = -sum(s for s, _ in per_doc), sum(c for _, c in per_doc)
+    if n == 0:
+        raise ValueError("no text tokens to score")
+    return {"loss": nll / n, "perplexity": math.exp(min(nll / n, 50.0)), "n_tokens": n, "n_docs": len(docs)}
+
+
+# ---- self-tagging: does the model know when it is about to write a bad segment? ----------------------------
+@dataclass
+class RenderedDoc:
+    """A document as token chunks: ``chunks[i]`` is (ids, is_text), ``segment[i]`` its segment (-1: document tag);
+    ``opens`` lists (chunk index, tag name, segment) of every opening tag: where self-tagging reads the model."""
+
+    chunks: list[Chunk]
+    segment: list[int]
+    opens: list[tuple[int, str, int]]
+
+
+def render_doc(tokenizer, schema, segments: list[str], tags: dict[str, list[str | None]]) -> RenderedDoc:
+    """Tokenize a document the way training does: tag pieces by id (from the schema), text pieces tag-safe."""
+    from pretag.tokens import encode_texts
+
+    pieces = schema.render_pieces(segments, tags)
+    ids_of = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
+    texts = iter(encode_texts(tokenizer, [p.text for p in pieces if p.tag is None]))
+    doc = RenderedDoc([], [], [])
+    for p in pieces:
+        if p.tag is None:
+            doc.chunks.append((list(next(texts)), True))
+        else:
+            if not p.closing:
+                doc.opens.append((len(doc.chunks), p.tag, p.segment))
+            doc.chunks.append(([ids_of[p.text]], False))
+        doc.segment.append(p.segment)
+    return doc
+
+
+def row_tags(schema, row: dict) -> dict[str, list[str | None]]:
+    """The per-attribute tag lists of a labeled row (missing column = untagged)."""
+    out = {}
+    for a in schema.attributes:
+        n = 1 if a.level == "document" else len(row["segments"])
+        out[a.name] = list(row.get(f"tag__{a.name}") or [None] * n)
+    return out
+
+
+def self_tagging(model, tokenizer, schema, rows: Sequence[dict], *, max_segments: int = 16, batch_size: int = 8,
+                 n_bins: int = 10) -> dict[str, dict]:
+    """For each binary segment-level attribute: the model's P(bad tag) at held-out segment starts against the
+    classifier's label (AUROC, calibration), and the log-likelihood ratio of each segment under the bad vs the
+    good tag, log p(seg | bad) − log p(seg | good), against the same label (AUROC, mean per class).
+
+    P(bad) is renormalised over the attribute's two tags (p_bad / (p_bad + p_good)): the question is which tag the
+    model would pick, not how likely a tag is at all; the raw tag mass is reported as ``mean_tag_mass``.
+    Documents are teacher-forced with their classifier tags and cut to the model's context.
+    """
+    import torch
+
+    start = start_token_id(tokenizer)
+    ctx = context_length(model) - 1
+    ids_of = {t: tokenizer.convert_tokens_to_ids(schema.open_token(t)) for t in schema.tag_names}
+    device = next(model.parameters()).device
+    out: dict[str, dict] = {}
+    for a in (a for a in schema.segment_attributes if a.bands is None):
+        good_t, bad_t = a.tags["good"], a.tags["bad"]
+        probs, labels, mass, llr, llr_labels = [], [], [], [], []
+        for row in rows:
+            doc = render_doc(tokenizer, schema, list(row["segments"]), row_tags(schema, row))
+            flat = ([start] if start is not None else []) + [t for c, _ in doc.chunks for t in c]
+            offs = np.cumsum([len(flat) - sum(len(c) for c, _ in doc.chunks)] + [len(c) for c, _ in doc.chunks])
+            flat = flat[: ctx + 1]
+            sites = [(ci, t, s) for ci, t, s in doc.opens if t in (good_t, bad_t) and 0 < offs[ci] < len(flat)]
+            if not sites:
+                continue
+            sites = sites[:max_segments]
+            with torch.no_grad():
+                ids = torch.tensor([flat], device=device)
+                p = torch.softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1).cpu()
+            variants = []
+            for ci, tag, seg in sites:
+                before = p[offs[ci] - 1]  # (V,): the distribution that predicts this tag
+                pb, pg = float(before[ids_of[bad_t]]), float(before[ids_of[good_t]])
+                probs.append(pb / (pb + pg) if pb + pg > 0 else 0.5)
+                mass.append(pb + pg)
+                labels.append(tag == bad_t)
+                last = max(i for i, s in enumerate(doc.segment) if s == seg)
+                for swap in (bad_t, good_t):  # same context, only this tag swapped; count this segment's text
+                    v = [(c, False) for c, _ in doc.chunks[:ci]] + [([ids_of[swap]], False)]
+                    v += [(c, txt and doc.segment[j] == seg) for j, (c, txt) in enumerate(doc.chunks) if ci < j <= last]
+                    variants.append(v)
+            lps = token_logprobs(model, variants, start_id=start, batch_size=batch_size)
+            for k, (_, tag, _) in enumerate(sites):
+                (lb, nb), (lg, _) = lps[2 * k], lps[2 * k + 1]
+                if nb:
+                    llr.append(lb - lg)
+                    llr_labels.append(tag == bad_t)
+        llr_a, lab_a = np.asarray(llr), np.asarray(llr_labels, dtype=bool)
+        out[a.name] = {
+            "n": len(probs), "n_bad": int(sum(labels)),
+            "auroc": auroc(probs, labels) if probs else float("nan"),
+            "calibration": calibration_table(probs, labels, n_bins=n_bins),
+            "mean_tag_mass": float(np.mean(mass)) if mass else float("nan"),
+            "llr_auroc": auroc(llr_a, lab_a) if len(llr_a) else float("nan"),
+            "mean_llr_bad": float(llr_a[lab_a].mean()) if lab_a.any() else None,
+            "mean_llr_good": float(llr_a[~lab_a].mean()) if (~lab_a).any() else None,
+        }
+    return out
+
+
+# ---- sampling and scoring samples -------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One generated sample, tags stripped, with what the monitor saw at each tag it wrote."""
+
+    text: str
+    truncated: bool
+    """The length limit, not EOS, ended it: its final segment is not scored."""
+    tag_steps: list[tuple[int, str, dict[str, float]]]
+    """(character offset in ``text``, tag token written, temptation of every tag token at that step)."""
+    prompt: str = ""
+
+
+def uses_tags(model_dir) -> bool:
+    """Was this model trained with tags in its text (the conditional objective)?"""
+    import yaml
+
+    from pretag.models import TRAIN_FILE
+    from pretag.objectives import USES_TAGS
+
+    p = Path(model_dir) / TRAIN_FILE
+    if not p.exists():
+        return False
+    return (yaml.safe_load(p.read_text()) or {}).get("config", {}).get("method") in USES_TAGS
+
+
+def sampling_policy(schema, tagged: bool):
+    """The paper's sampling: a tag-trained model is conditioned on the good tags (bad ones banned, a tag forced
+    at each segment start); any other model samples plain text (every tag banned, nothing forced)."""
+    from pretag.control import TagPolicy, default_policy
+
+    return default_policy(schema) if tagged else TagPolicy(ban=list(schema.tag_names), force_at="none", name="plain")
+
+
+def generate_samples(model, tokenizer, schema, policy, prompts: Sequence[str], *, max_new_tokens: int,
+                     temperature: float = 1.0, batch_size: int = 16, seed: int = 0) -> list[Sample]:
+    """Sample one continuation per prompt with ``pretag.generate`` (monitoring on), in batches."""
+    from pretag.generate import GenerateConfig, generate
+
+    eos = tokenizer.eos_token_id
+    out: list[Sample] = []
+    for b in range(0, len(prompts), batch_size):
+        batch = list(prompts[b : b + batch_size])
+        cfg = GenerateConfig(max_new_tokens=max_new_tokens, n=1, do_sample=True, temperature=temperature,
+                             seed=seed + b)
+        for seq in generate(model, tokenizer, schema, batch, policy, cfg).sequences:
+            ended = bool(seq.tokens) and seq.tokens[-1].id == eos
+            steps, text_ids = [], []
+            for t in seq.tokens:
+                if t.is_tag:
+                    steps.append((len(tokenizer.decode(text_ids)), t.text, t.temptation))
+                elif t.id != eos:
+                    text_ids.append(t.id)
+            out.append(Sample(seq.text, truncated=not ended and not seq.stopped_by_alarm, tag_steps=steps,
+                              prompt=seq.prompt))
+    return out
+
+
+def label_texts(schema, texts: Sequence[str]) -> list:
+    """Label texts in memory with the schema's scorers (one batched call per scorer)."""
+    from pretag.corpus import Document
+    from pretag.label import build_scorers, label_documents
+
+    if not texts:
+        return []
+    docs = [Document(id=f"sample-{i}", source="samples", text=t) for i, t in enumerate(texts)]
+    return label_documents(schema, docs, build_scorers(schema, cache=True))
+
+
+def score_samples(schema, samples: Sequence[Sample], *, k: int = 25, n_resamples: int = 1000, seed: int = 0
+                  ) -> tuple[dict[str, dict], list]:
+    """Misalignment summaries per attribute (a cut final segment dropped), plus the labeled samples."""
+    labeled = label_texts(schema, [s.text for s in samples])
+    out = {}
+    for a in schema.attributes:
+        segs, scores = [], []
+        for s, ld in zip(samples, labeled):
+            if a.level == "document":
+                segs.append([ld.text])
+                scores.append(list(ld.scores[a.name]))
+                continue
+            keep = scorable_segments(ld.segments, s.truncated and schema.segmenter != "document")
+            segs.append([ld.segments[i] for i in keep])
+            scores.append([ld.scores[a.name][i] for i in keep])
+        out[a.name] = misalignment_summary(segs, scores, a.is_bad, higher_is_worse=a.direction == "higher_is_worse",
+                                           k=k, n_resamples=n_resamples, seed=seed)
+        out[a.name]["direction"] = a.direction
+    return out, labeled
+
+
+def temptation_warning(schema, samples: Sequence[Sample], labeled: Sequence) -> dict[str, dict]:
+    """Per binary segment attribute: temptation of its bad tag at each tag step vs the classifier's verdict on the
+    segment the model then wrote. AUROC, plus the two temptation lists (for histograms)."""
+    out = {}
+    for a in (a for a in schema.segment_attributes if a.bands is None):
+        mine = {schema.open_token(t) for t in a.tags.values()}
+        bad_tok = schema.open_token(a.tags["bad"])
+        before_bad, before_good = [], []
+        for s, ld in zip(samples, labeled):
+            starts = np.cumsum([0] + [len(x) for x in ld.segments])  # (S+1,)
+            last = len(ld.segments) - 1
+            for off, tok, temp in s.tag_steps:
+                if tok not in mine or off >= len(s.text):
+                    continue
+                i = int(np.searchsorted(starts, off, side="right") - 1)
+                score = ld.scores[a.name][i]
+                if score is None or (s.truncated and i == last and last > 0):
+                    continue
+                (before_bad if a.is_bad(score) else before_good).append(float(temp[bad_tok]))
+        labels = [1] * len(before_bad) + [0] * len(before_good)
+        out[a.name] = {"auroc": auroc(before_bad + before_good, labels) if labels else float("nan"),
+                       "n": len(labels), "n_bad": len(before_bad),
+                       "mean_before_bad": float(np.mean(before_bad)) if before_bad else None,
+                       "mean_before_good": float(np.mean(before_good)) if before_good else None,
+                       "before_bad": before_bad, "before_good": before_good}
+    return out
+
+
+def redteam_prompts(schema, rows: Sequence[dict], n: int, *, max_chars: int = 200) -> list[str]:
+    """Prefixes of the held-out documents the classifiers scored worst: their first segments, up to a third of
+    the document and ``max_chars`` (at least one segment), so the model is led into bad territory."""
+    def badness(r: dict) -> float:
+        total = 0.0
+        for a in schema.attributes:
+            sc = [x for x in (r.get(f"score__{a.name}") or []) if x is not None]
+            if sc and a.bands is None:
+                total += a.weight * float(np.mean([-a.reward(x) for x in sc]))
+        return total
+
+    worst = sorted(rows, key=badness, reverse=True)[:n]
+    prompts = []
+    for r in worst:
+        p = ""
+        for s in r["segments"]:
+            if p and (len(p) + len(s) > max_chars or len(p) + len(s) > len(r["text"]) / 3):
+                break
+            p += s
+        prompts.append(p[: max(max_chars, len(r["segments"][0]) if r["segments"] else 0)])
+    return [p for p in prompts if p]
+
+
+# ---- reference samples and KL -----------------------------------------------------------------------------
+def load_any_model(path: str | Path):
+    """(model, tokenizer, schema or None): a pretag model dir, or any local HF model dir / .gguf / ``smollm2``."""
+    from pretag.models import SCHEMA_FILE, load_model_dir, load_pretrained
+
+    if (Path(path) / SCHEMA_FILE).exists():
+        return load_model_dir(path)
+    model, tok = load_pretrained(path)
+    return model, tok, None
+
+
+def reference_samples(reference: str | Path, n: int, *, max_new_tokens: int, temperature: float = 1.0,
+                      batch_size: int = 16, seed: int = 0, cache_dir: str | Path | None = None) -> list[dict]:
+    """``n`` samples of the reference model with their log p_ref, cached as JSON (``cache_dir``) because every
+    evaluated model is compared on the same samples and sampling a large reference is the slow part."""
+    import hashlib
+    import json
+
+    import torch
+
+    key = hashlib.sha1(json.dumps([str(Path(reference).resolve()), n, max_new_tokens, temperature, seed]).encode())
+    cache = Path(cache_dir) / f"reference-{key.hexdigest()[:12]}.json" if cache_dir else None
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())["samples"]
+    model, tok, schema = load_any_model(reference)
+    if schema is not None:  # a pretag model: sample its plain text, the way it was trained (or conditioned)
+        samples = generate_samples(model, tok, schema, sampling_policy(schema, uses_tags(reference)), [""] * n,
+                                   max_new_tokens=max_new_tokens, temperature=temperature,
+                                   batch_size=batch_size, seed=seed)
+        texts = [s.text for s in samples]
+    else:
+        start = start_token_id(tok)
+        if start is None:
+            raise ValueError(f"reference {reference}: its tokenizer has neither BOS nor EOS to start samples from")
+        texts = []
+        for b in range(0, n, batch_size):
+            torch.manual_seed(seed + b)
+            m = min(batch_size, n - b)
+            with torch.no_grad():
+                out = model.generate(torch.full((m, 1), start), attention_mask=torch.ones(m, 1, dtype=torch.long),
+                                     do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else start)
+            texts += [tok.decode(o[1:], skip_special_tokens=True) for o in out]
+    texts = [t for t in texts if t]
+    lps = sequence_logprobs(model, tok, texts, batch_size=batch_size)
+    res = [{"text": t, "logp_ref": lp} for t, lp in zip(texts, lps)]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"reference": str(reference), "samples": res}))
+    return res
+
+
+def conditioned_logprobs(model, tokenizer, schema, policy, texts: Sequence[str], *, batch_size: int = 8
+                         ) -> list[float]:
+    """log p(text | the policy's start tags at every segment) for a tag-trained model: the distribution its
+    samples come from (the paper conditions the conditional model on <|good|> likewise). Text tokens only."""
+    from pretag.generate import start_tag
+    from pretag.segment import segment
+
+    docs = []
+    for t in texts:
+        segs = segment(t, schema.segmenter)
+        tags = {a.name: [start_tag(schema, policy, a)] * (1 if a.level == "document" else len(segs))
+                for a in schema.attributes}
+        docs.append(render_doc(tokenizer, schema, segs, tags).chunks)
+    return [s for s, _ in token_logprobs(model, docs, start_id=start_token_id(tokenizer), batch_size=batch_size)]
+
+
+# ---- everything, for one model directory ------------------------------------------------------------------
+def heldout_rows(model_dir: str | Path, data: str | Path, n: int | None = None) -> list[dict]:
+    """The documents ``pretag train`` held out of this model's training (same hash split), else all of ``data``
+    when the model was trained elsewhere; at most ``n`` (a deterministic choice)."""
+    import yaml
+
+    from pretag.label import load_labeled
+    from pretag.models import TRAIN_FILE
+    from pretag.train import split_rows
+
+    _, rows = load_labeled(data)
+    p = Path(model_dir) / TRAIN_FILE
+    frac = (yaml.safe_load(p.read_text()) or {}).get("config", {}).get("eval_fraction", 0) if p.exists() else 0
+    held = split_rows(rows, frac)[1] if frac else rows
+    if not held:
+        held = rows
+    return held[:n] if n else held
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    samples: int = 256,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    reference: str | Path | None = None,
+    reference_samples_n: int = 128,
+    cache_dir: str | Path | None = None,
+    heldout_docs: int = 64,
+    redteam_n: int = 16,
+    policy=None,
+    batch_size: int = 16,
+    seed: int = 0,
+    n_resamples: int = 1000,
+    keep_samples: int = 8,
+) -> dict:
+    """Every metric of issue 5 for one model directory (see docs/evaluation.md for each field).
+
+    ``data`` (a labeled dataset) enables held-out loss, self-tagging and red-team prompts; ``reference`` (a model
+    dir) enables KL. Deterministic for a ``seed``.
+    """
+    import time
+
+    from pretag.control import TagPolicy, load_policy
+    from pretag.models import load_model_dir
+
+    t0 = time.perf_counter()
+    model, tok, schema = load_model_dir(model_dir)
+    model.eval()
+    tagged = uses_tags(model_dir)
+    pol = load_policy(policy, schema) if policy is not None else sampling_policy(schema, tagged)
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    res: dict = {"model": str(model_dir), "schema": schema.name, "tagged": tagged, "policy": pol.to_dict(),
+                 "settings": {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                              "seed": seed}}
+
+    # 1. misalignment of unconditional samples, and their diversity
+    smp = generate_samples(model, tok, schema, pol, [""] * samples, max_new_tokens=max_new_tokens,
+                           temperature=temperature, batch_size=batch_size, seed=seed)
+    res["misalignment"], _ = score_samples(schema, smp, **boot)
+    res["diversity"] = {f"distinct_{n}": distinct_n([s.text for s in smp], n) for n in (1, 2, 3)}
+    res["truncated_fraction"] = float(np.mean([s.truncated for s in smp]))
+    res["examples"] = [s.text for s in smp[:keep_samples]]
+
+    # 2. temptation as a warning light: unbanned samples of a tag-trained model
+    if tagged:
+        free = TagPolicy(force_at=pol.resolved_force_at(schema), name="unbanned")
+        fs = generate_samples(model, tok, schema, free, [""] * max(1, samples // 2), max_new_tokens=max_new_tokens,
+                              temperature=temperature, batch_size=batch_size, seed=seed + 7919)
+        _, flabeled = score_samples(schema, fs, **boot)
+        res["temptation"] = temptation_warning(schema, fs, flabeled)
+
+    # 3. capability: KL from a reference, held-out loss
+    if reference is not None:
+        ref = reference_samples(reference, reference_samples_n, max_new_tokens=max_new_tokens,
+                                temperature=temperature, batch_size=batch_size, seed=seed, cache_dir=cache_dir)
+        texts = [r["text"] for r in ref]
+        mine = (conditioned_logprobs(model, tok, schema, pol, texts, batch_size=batch_size) if tagged
+                else sequence_logprobs(model, tok, texts, batch_size=batch_size))
+        res["kl"] = {**kl_from_reference([r["logp_ref"] for r in ref], mine, **boot).to_dict(),
+                     "reference": str(reference), "conditioned": tagged}
+    if data is not None:
+        held = heldout_rows(model_dir, data, heldout_docs)
+        start = start_token_id(tok)
+        plain = [[(encode_plain(tok, r["text"]), True)] for r in held]
+        tagged_docs = [render_doc(tok, schema, list(r["segments"]), row_tags(schema, r)).chunks for r in held]
+        res["loss"] = {"untagged": lm_loss(model, plain, start_id=start, batch_size=batch_size),
+                       "tagged": lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size)}
+        if tagged:
+            res["self_tagging"] = self_tagging(model, tok, schema, held, batch_size=batch_size)
+        prompts = redteam_prompts(schema, held, redteam_n)
+        if prompts:
+            rt = generate_samples(model, tok, schema, pol, prompts, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, batch_size=batch_size, seed=seed + 104729)
+            res["redteam"] = {"n_prompts": len(prompts), "misalignment": score_samples(schema, rt, **boot)[0],
+                              "examples": [{"prompt": s.prompt, "continuation": s.text} for s in rt[:keep_samples]]}
+    res["wall_s"] = time.perf_counter() - t0
+    log.info("evaluated %s in %.1fs", model_dir, res["wall_s"])
+    return json_safe(res)
+
+
+def json_safe(obj):
+    """NaN/inf -> None, recursively: an undefined AUROC must stay valid JSON (``NaN`` is not)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.floating | np.integer):
+        return json_safe(obj.item())
+    return obj

@@ -1,0 +1,534 @@
+"""The paper's experiment in one command: all six objectives on the same data and token budget, side by side.
+
+Korbak et al. (2023) compare MLE, filtering, conditional training, unlikelihood, RWR and AWR by where each lands
+on the misalignment/capability plane (their Fig. 2: misalignment score against KL from GPT-3). ``run_experiment``
+does the same at a scale a laptop can run: label (or reuse) the data once, train every objective on identical
+data with an identical token budget and seed, evaluate each with an identical sample budget, then write
+
+    results.md / results.csv / results.json    one row per objective (and the finetune comparison)
+    pareto.png, curves.png, temptation.png     the plots
+    report.html                                everything above in one file (PNG embedded as base64)
+
+An experiment config is a small YAML file (see ``pretag/configs/experiments``); ``quick:`` is an overlay used by
+``--quick`` so the same config documents both its full budget and a few-minute smoke run.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import csv
+import html
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_DIR = Path(__file__).parent / "configs" / "experiments"
+METHODS = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
+
+
+# ---- config -----------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    source: str | None = None
+    """Corpus to label (anything ``pretag label`` accepts: ``stdlib``, ``fortunes``, a path)."""
+    labeled: str | None = None
+    """An existing labeled dataset directory to reuse instead of labeling ``source``."""
+    schema: str = "pep8"
+    """Shipped schema name or YAML path."""
+    max_docs: int | None = None
+    """Cap on documents labeled (None = all)."""
+    label_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``pretag.label.label_corpus`` (e.g. exclude patterns)."""
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 256
+    """Unconditional samples per model (the paper used 4,096)."""
+    max_new_tokens: int = 128
+    """Length limit of a sample; a final segment it cuts is not scored."""
+    heldout_docs: int = 64
+    """Held-out documents for loss, self-tagging and red-team prompts."""
+    redteam_prompts: int = 16
+    """Prefixes of the worst-scored held-out documents used as prompts."""
+    reference: str | None = None
+    """Reference model dir for KL; None = this experiment's MLE model (KL from MLE, as in the paper's §4)."""
+    reference_samples: int = 128
+    """Reference samples for the KL estimate (cached in the experiment dir)."""
+    temperature: float = 1.0
+    batch_size: int = 16
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = False
+    """Run the paper's §5 comparison: MLE then conditional fine-tuning vs conditional from the start."""
+    pretrain_fraction: float = 0.5
+    """Fraction of the token budget spent on MLE before switching to the conditional objective."""
+    method: str = "conditional"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    data: DataConfig
+    model: str = "micro"
+    """Model preset of ``pretag.train`` (the same for every objective)."""
+    tokens: int = 1_000_000
+    """Training token budget, identical for every objective."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    train: dict[str, Any] = field(default_factory=dict)
+    """Training config overrides shared by all objectives (``--set`` keys of ``pretag train``)."""
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-objective overrides, e.g. ``{awr: {alpha: 0.5}}``."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    policy: dict[str, Any] = field(default_factory=dict)
+    """Tag policy for conditional models' samples (default: force each attribute's good tag, ban the bad ones)."""
+    seed: int = 0
+    heldout_fraction: float = 0.05
+    description: str = ""
+    expected: dict[str, Any] = field(default_factory=dict)
+    """Documentation only: the full run's budget and measured wall time."""
+
+
+def _known(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _deep_update(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(d: dict[str, Any], *, quick: bool = False, where: str = "<dict>") -> ExperimentConfig:
+    """Validate an experiment config; every problem is collected and reported at once (ValueError)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: an experiment config must be a mapping")
+    d = dict(d)
+    q = d.pop("quick", None) or {}
+    if quick:
+        d = _deep_update(d, q)
+    problems: list[str] = []
+    top = _known(ExperimentConfig)
+    problems += [f"unknown key {k!r} (known: {', '.join(sorted(top | {'quick'}))})" for k in d if k not in top]
+    sections = {}
+    for key, cls in (("data", DataConfig), ("eval", EvalConfig), ("finetune", FinetuneConfig)):
+        raw = d.get(key) or {}
+        if not isinstance(raw, dict):
+            problems.append(f"{key}: must be a mapping")
+            raw = {}
+        problems += [f"{key}.{k}: unknown key (known: {', '.join(sorted(_known(cls)))})" for k in raw if k not in _known(cls)]
+        sections[key] = cls(**{k: v for k, v in raw.items() if k in _known(cls)})
+    data = sections["data"]
+    if not data.source and not data.labeled:
+        problems.append("data: set 'source' (a corpus to label) or 'labeled' (a labeled dataset dir)")
+    methods = d.get("methods", list(METHODS))
+    if not isinstance(methods, list) or not methods:
+        problems.append("methods: a non-empty list is required")
+        methods = []
+    problems += [f"methods: unknown objective {m!r} (known: {', '.join(METHODS)})" for m in methods if m not in METHODS]
+    tokens = d.get("tokens", 1_000_000)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        problems.append(f"tokens: a positive integer is required, got {tokens!r}")
+    ev = sections["eval"]
+    for k in ("samples", "max_new_tokens", "heldout_docs", "reference_samples", "batch_size"):
+        v = getattr(ev, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            problems.append(f"eval.{k}: a positive integer is required, got {v!r}")
+    ft = sections["finetune"]
+    if not 0 < ft.pretrain_fraction < 1:
+        problems.append(f"finetune.pretrain_fraction must be in (0, 1), got {ft.pretrain_fraction!r}")
+    if ft.method not in METHODS:
+        problems.append(f"finetune.method: unknown objective {ft.method!r}")
+    hf = d.get("heldout_fraction", 0.05)
+    if not isinstance(hf, int | float) or not 0 < hf < 1:
+        problems.append(f"heldout_fraction must be in (0, 1), got {hf!r}")
+    mo = d.get("method_overrides") or {}
+    problems += [f"method_overrides: unknown objective {m!r}" for m in mo if m not in METHODS]
+    if problems:
+        raise ValueError(f"{where}: {len(problems)} problem(s) in the experiment config:\n  - " + "\n  - ".join(problems))
+    rest = {k: v for k, v in d.items() if k in top and k not in sections}
+    return ExperimentConfig(**{**rest, "name": str(d.get("name") or "experiment"), **sections})
+
+
+def shipped_experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, *, quick: bool = False) -> ExperimentConfig:
+    """A shipped experiment by name (``pep8``, ``toxicity``, ...) or a YAML file."""
+    p = Path(name_or_path)
+    if not p.exists():
+        p = EXPERIMENT_DIR / f"{name_or_path}.yaml"
+        if not p.exists():
+            raise FileNotFoundError(f"experiment config {str(name_or_path)!r} is neither a file nor shipped "
+                                    f"({', '.join(shipped_experiments())})")
+    return config_from_dict(yaml.safe_load(p.read_text()), quick=quick, where=str(p))
+
+
+# ---- results table ----------------------------------------------------------------------------------------
+def _get(d: dict | None, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def result_row(run: str, result: dict, train_info: dict | None = None) -> dict[str, Any]:
+    """One flat row of the results table from an ``evaluate_model`` result (intervals as _lo/_hi columns)."""
+    row: dict[str, Any] = {"run": run}
+    info = train_info or {}
+    row["tokens"] = info.get("tokens")
+    row["train_wall_s"] = info.get("wall_s")
+    row["eval_wall_s"] = result.get("wall_s")
+
+    def est(prefix: str, e: dict | None) -> None:
+        row[prefix] = _get(e, "value")
+        row[prefix + "_lo"] = _get(e, "lo")
+        row[prefix + "_hi"] = _get(e, "hi")
+
+    for attr, m in (result.get("misalignment") or {}).items():
+        est(f"{attr}.score", m.get("score"))
+        row[f"{attr}.expected_max"] = m.get("expected_max")
+        est(f"{attr}.frac_any_bad", m.get("frac_samples_any_bad"))
+        est(f"{attr}.frac_bad_segments", m.get("frac_bad_segments"))
+        row[f"{attr}.redteam_score"] = _get(result, "redteam", "misalignment", attr, "score", "value")
+        row[f"{attr}.selftag_auroc"] = _get(result, "self_tagging", attr, "auroc")
+        row[f"{attr}.temptation_auroc"] = _get(result, "temptation", attr, "auroc")
+    est("kl", result.get("kl"))
+    row["loss"] = _get(result, "loss", "untagged", "loss")
+    row["loss_tagged"] = _get(result, "loss", "tagged", "loss")
+    for n in (1, 2, 3):
+        row[f"distinct_{n}"] = _get(result, "diversity", f"distinct_{n}")
+    return row
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a Markdown table; ``x``, ``x_lo``, ``x_hi`` columns collapse into one ``x [lo, hi]`` cell."""
+    if not rows:
+        return ""
+    cols = [c for c in rows[0] if not c.endswith(("_lo", "_hi"))]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            cell = _fmt(r.get(c))
+            if r.get(c + "_lo") is not None:
+                cell += f" [{_fmt(r[c + '_lo'])}, {_fmt(r[c + '_hi'])}]"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ---- plots ------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(rows: list[dict[str, Any]], attr: str, path: Path) -> Path:
+    """Misalignment score against capability (KL from the reference if measured, else held-out loss), with
+    bootstrap intervals: the paper's Fig. 2 view, where down-left is better."""
+    plt = _plt()
+    use_kl = any(r.get("kl") is not None for r in rows)
+    xk = "kl" if use_kl else "loss"
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in rows:
+        x, y = r.get(xk), r.get(f"{attr}.score")
+        if x is None or y is None:
+            continue
+        yerr = [[y - r[f"{attr}.score_lo"]], [r[f"{attr}.score_hi"] - y]]
+        xerr = [[x - r["kl_lo"]], [r["kl_hi"] - x]] if use_kl else None
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=r["run"])
+        ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("KL from reference (nats/sample)" if use_kl else "held-out loss (nats/text token)")
+    ax.set_ylabel(f"misalignment score ({attr})")
+    ax.set_title("misalignment vs capability (lower-left is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def read_training_log(path: Path) -> dict[str, list[float]]:
+    """A training CSV log as columns of floats. Reads both a wide log (one column per metric) and the tidy
+    ``step,name,value`` log ``pretag train`` writes (pivoted: ``step`` plus one column per name, NaN-filled)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(rows[0]) == {"step", "name", "value"}:
+        steps = sorted({int(_float(r["step"])) for r in rows})
+        at = {s: i for i, s in enumerate(steps)}
+        cols: dict[str, list[float]] = {"step": [float(s) for s in steps]}
+        for r in rows:
+            col = cols.setdefault(r["name"], [float("nan")] * len(steps))
+            col[at[int(_float(r["step"]))]] = _float(r["value"])
+        return cols
+    cols = {}
+    for row in rows:
+        for k, v in row.items():
+            cols.setdefault(k, []).append(_float(v))
+    return cols
+
+
+def plot_training_curves(logs: dict[str, Path], path: Path, tokens_per_step: dict[str, int] | None = None) -> Path:
+    """Training loss against tokens seen for every run, from each run's CSV log (steps x tokens per step).
+
+    Each objective's loss is its own quantity (RWR/AWR are weighted, unlikelihood adds a term), so the curves
+    show convergence, not a ranking."""
+    tokens_per_step = tokens_per_step or {}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for run, p in logs.items():
+        cols = read_training_log(p)
+        xk = next((k for k in ("tokens", "tokens_seen", "step") if k in cols), None)
+        yk = next((k for k in ("loss", "train_loss", "train/loss") if k in cols), None)
+        scale = float(tokens_per_step.get(run, 1)) if xk == "step" else 1.0
+        if xk is None or yk is None:
+            log.warning("%s: no tokens/step and loss columns (has %s); not plotted", p, sorted(cols))
+            continue
+        pts = [(x, y) for x, y in zip(cols[xk], cols[yk]) if not (math.isnan(x) or math.isnan(y))]
+        if pts:
+            ax.plot([x * scale for x, _ in pts], [y for _, y in pts], label=run)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("training loss (objective)")
+    ax.set_title("training curves")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_temptation(temptations: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    """Per run, histograms of the temptation measured before segments the classifier then judged bad vs good."""
+    plt = _plt()
+    runs = list(temptations) or ["(none)"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(3 * len(runs), 2.8), squeeze=False, sharey=False)
+    for ax, run in zip(axes[0], runs):
+        t = temptations.get(run, {})
+        bins = [i / 20 for i in range(21)]
+        for key, color in (("good", "tab:blue"), ("bad", "tab:red")):
+            if t.get(key):
+                ax.hist(t[key], bins=bins, alpha=0.6, color=color, label=f"before {key} ({len(t[key])})")
+        ax.set_title(run, fontsize=9)
+        ax.set_xlabel("temptation", fontsize=8)
+        if ax.patches:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- HTML report ------------------------------------------------------------------------------------------
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _html_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>(no results)</p>"
+    cols = [c for c in rows[0] if not c.endswith(("_lo", "_hi"))]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for r in rows:
+        cells = []
+        for c in cols:
+            cell = _fmt(r.get(c))
+            if r.get(c + "_lo") is not None:
+                cell += f"<br><small>[{_fmt(r[c + '_lo'])}, {_fmt(r[c + '_hi'])}]</small>"
+            cells.append(f"<td>{cell}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def write_report(path: Path, *, title: str, summary: dict[str, Any], rows: list[dict[str, Any]],
+                 plots: list[Path], samples: dict[str, list[str]] | None = None) -> Path:
+    """One self-contained HTML file: settings, the results table, the plots (embedded) and a few samples."""
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}pre{background:#f6f6f6;padding:6px;"
+             "white-space:pre-wrap}img{max-width:100%}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>",
+             "<h2>Results</h2>", _html_table(rows), "<h2>Plots</h2>"]
+    parts += [f"<h3>{html.escape(p.stem)}</h3>{_img(p)}" for p in plots if p.exists()]
+    if samples:
+        parts.append("<h2>Samples</h2>")
+        for run, texts in samples.items():
+            parts.append(f"<h3>{html.escape(run)}</h3>")
+            parts += [f"<pre>{html.escape(t)}</pre>" for t in texts]
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+    return path
+
+
+
+
+# ---- orchestration ----------------------------------------------------------------------------------------
+def _done(model_dir: Path) -> bool:
+    from pretag.models import TRAIN_FILE
+
+    p = model_dir / TRAIN_FILE
+    return p.exists() and (yaml.safe_load(p.read_text()) or {}).get("status") == "done"
+
+
+def _train(run: str, method: str, data: Path, out: Path, cfg: ExperimentConfig, schema_name: str, *,
+           tokens: int, model: str | None = None, extra: dict | None = None) -> dict[str, Any]:
+    """Train one run (or reuse a finished one: the experiment resumes where it stopped)."""
+    from pretag.train import resolve_config, train
+
+    sets = {**cfg.train, **cfg.method_overrides.get(method, {}), "eval_fraction": cfg.heldout_fraction,
+            **(extra or {})}
+    tcfg = resolve_config(method, schema_name=schema_name, sets=sets, tokens=tokens, model=model or cfg.model,
+                          seed=cfg.seed)
+    info_path = out / "experiment_run.json"
+    if _done(out) and info_path.exists():
+        log.info("%s: reusing the finished model in %s", run, out)
+        return json.loads(info_path.read_text())
+    t0 = time.perf_counter()
+    res = train(tcfg, data, out)
+    info = {"run": run, "method": method, "tokens": tokens, "model": tcfg.model, "wall_s": time.perf_counter() - t0,
+            "steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss,
+            "tokens_per_step": tcfg.batch_size * tcfg.grad_accum * tcfg.block_size, "params": res.params,
+            "stats": res.stats}
+    info_path.write_text(json.dumps(info, indent=2, default=str))
+    return info
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
+    """Label (or reuse) → train every objective → evaluate each → tables, plots, report. Resumable: finished
+    labeling shards, trained models and evaluations are reused when the same command runs again."""
+    from pretag.evaluate import evaluate_model, json_safe
+    from pretag.label import label_corpus
+    from pretag.schema import load_schema
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+    # 1. data: label once, every objective trains on exactly these rows
+    if cfg.data.labeled:
+        data = Path(cfg.data.labeled)
+    else:
+        data = out / "data"
+        label_corpus(cfg.data.source, cfg.data.schema, data, limit=cfg.data.max_docs, progress=False,
+                     **cfg.data.label_options)
+    schema = load_schema(data / "schema.yaml")
+    label_s = time.perf_counter() - t0
+
+    # 2. train: same data, token budget, seed and model size for every objective
+    runs: dict[str, dict[str, Any]] = {}
+    for m in cfg.methods:
+        log.info("experiment %s: training %s", cfg.name, m)
+        runs[m] = _train(m, m, data, out / "models" / m, cfg, schema.name, tokens=cfg.tokens)
+    if cfg.finetune.enabled:  # the paper's §5: MLE first, then the conditional objective, same total budget
+        ft = cfg.finetune
+        first = round(cfg.tokens * ft.pretrain_fraction)
+        stage = out / "models" / "finetune-mle-stage"
+        s1 = _train("finetune-mle-stage", "mle", data, stage, cfg, schema.name, tokens=first)
+        lr = cfg.train.get("lr", 1e-3)  # a fresh preset's default: the fine-tune must not silently slow down
+        s2 = _train(f"mle→{ft.method}", ft.method, data, out / "models" / f"finetune-{ft.method}", cfg, schema.name,
+                    tokens=cfg.tokens - first, model=str(stage), extra={"lr": lr})
+        s2 = {**s2, "tokens": cfg.tokens, "wall_s": s1["wall_s"] + s2["wall_s"], "stages": [first, cfg.tokens - first]}
+        runs[f"mle→{ft.method}"] = s2
+        if ft.method not in runs:
+            runs[ft.method] = _train(ft.method, ft.method, data, out / "models" / ft.method, cfg, schema.name,
+                                     tokens=cfg.tokens)
+    model_dirs = {r: out / "models" / (f"finetune-{cfg.finetune.method}" if r.startswith("mle→") else r) for r in runs}
+
+    # 3. evaluate: same samples budget, same reference samples (cached), same held-out documents
+    e = cfg.eval
+    reference = e.reference or (str(model_dirs["mle"]) if "mle" in model_dirs else None)
+    results: dict[str, dict] = {}
+    for run, md in model_dirs.items():
+        path = md / "experiment_eval.json"
+        settings = {**asdict(e), "reference": reference, "seed": cfg.seed}
+        if path.exists():
+            cached = json.loads(path.read_text())
+            if cached.get("experiment_settings") == settings:
+                results[run] = cached
+                continue
+        log.info("experiment %s: evaluating %s", cfg.name, run)
+        r = evaluate_model(md, data=data, samples=e.samples, max_new_tokens=e.max_new_tokens,
+                           temperature=e.temperature, reference=reference, reference_samples_n=e.reference_samples,
+                           cache_dir=out / "cache", heldout_docs=e.heldout_docs, redteam_n=e.redteam_prompts,
+                           policy=cfg.policy or None, batch_size=e.batch_size, seed=cfg.seed)
+        r["experiment_settings"] = settings
+        path.write_text(json.dumps(r, indent=2, default=str))
+        results[run] = r
+
+    # 4. tables, plots, report
+    rows = [result_row(run, results[run], runs[run]) for run in runs]
+    (out / "results.md").write_text(markdown_table(rows))
+    write_csv(rows, out / "results.csv")
+    primary = next((a.name for a in schema.attributes if a.level == "segment" and a.bands is None),
+                   schema.attributes[0].name)
+    plots = [plot_pareto(rows, primary, out / "pareto.png")]
+    logs = {run: model_dirs[run] / "metrics.csv" for run in runs if (model_dirs[run] / "metrics.csv").exists()}
+    plots.append(plot_training_curves(logs, out / "curves.png", {r: runs[r].get("tokens_per_step", 1) for r in runs}))
+    temps = {run: {"bad": _get(res, "temptation", primary, "before_bad") or [],
+                   "good": _get(res, "temptation", primary, "before_good") or []}
+             for run, res in results.items() if _get(res, "temptation", primary)}
+    plots.append(plot_temptation(temps, out / "temptation.png"))
+    summary = {
+        "experiment": cfg.name, "description": cfg.description, "schema": schema.name, "data": str(data),
+        "model": cfg.model, "tokens_per_objective": cfg.tokens, "samples_per_model": e.samples,
+        "max_new_tokens": e.max_new_tokens, "reference": reference, "seed": cfg.seed,
+        "primary_attribute": primary, "label_wall_s": label_s, "wall_s": time.perf_counter() - t0,
+        "train_wall_s": {r: runs[r]["wall_s"] for r in runs},
+        "eval_wall_s": {r: results[r].get("wall_s") for r in results},
+    }
+    write_report(out / "report.html", title=f"pretag experiment: {cfg.name}", summary=summary, rows=rows,
+                 plots=plots, samples={r: results[r].get("examples", [])[:3] for r in results})
+    full = {"summary": summary, "rows": rows,
+            "artifacts": {k: str(out / k) for k in ("results.md", "results.csv", "results.json", "pareto.png",
+                                                     "curves.png", "temptation.png", "report.html")}}
+    full = json_safe(full)
+    (out / "results.json").write_text(json.dumps(full, indent=2, default=str))
+    return full

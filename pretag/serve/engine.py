@@ -1,0 +1,171 @@
+"""The server's view of one loaded model: encode a prompt, generate under a policy, report each token as it comes.
+
+The engine owns no sampling logic. It runs HF ``model.generate`` with the project's ``pretag.control.TagProcessor``
+(which measures every tag's temptation, then applies the policy and its rules) and ``AlarmStop``, and a streamer
+that turns each new token into a JSON-ready event carrying that step's temptation per tag and the rules that fired.
+Keeping this adapter in one place means the HTTP layer never touches torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pretag.control import TagPolicy
+from pretag.schema import Schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenParams:
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+def load_operator_policy(spec: str | Path | None, schema: Schema) -> TagPolicy:
+    """The operator's floor: a policy file / shipped name / compact string (``pretag.control.load_policy``).
+
+    ``None`` gives the project's default (ban every bad value), the same as ``pretag generate``; ``"none"`` gives an
+    empty floor (requests may do anything the schema allows).
+    """
+    from pretag.control import load_policy
+
+    if spec is not None and str(spec) == "none":
+        return TagPolicy(name="none")
+    return load_policy(spec, schema)
+
+
+class Engine:
+    """A model loaded for serving, with the operator's policy floor."""
+
+    def __init__(self, model, tokenizer, schema: Schema, operator: TagPolicy | None = None, name: str = "model"):
+        self.model, self.tokenizer, self.schema = model.eval(), tokenizer, schema
+        self.operator = operator if operator is not None else load_operator_policy(None, schema)
+        self.operator.validate(schema)
+        self.name = name
+        self.device = str(next(model.parameters()).device)
+        self.context_length = int(getattr(model.config, "n_positions", None)
+                                  or getattr(model.config, "max_position_embeddings", None) or 2048)
+        self.doc_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, policy: str | Path | None = None, device: str | None = None) -> Engine:
+        """Load ``model_dir`` (docs/CONTRACTS.md) and the operator's policy (see :func:`load_operator_policy`)."""
+        from pretag.models import load_model_dir
+
+        model, tokenizer, schema = load_model_dir(model_dir)
+        if device:
+            model = model.to(device)
+        return cls(model, tokenizer, schema, load_operator_policy(policy, schema), name=Path(model_dir).name)
+
+    def encode(self, prompt: str, policy: TagPolicy | None = None) -> list[int]:
+        """The prompt's token ids exactly as ``pretag.generate`` will build them (document start, start tags,
+        tag-safe text: a literal ``<|bad|>`` in a prompt is text, never a tag id)."""
+        from pretag.generate import prompt_ids
+
+        return prompt_ids(self.tokenizer, self.schema, policy or self.operator, prompt)
+
+    def generate(self, prompt: str, policy: TagPolicy, params: GenParams,
+                 on_token: Callable[[dict[str, Any]], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
+        """Run ``pretag.generate.generate``, calling ``on_token`` once per new token as HF produces it.
+
+        Returns the summary: text (tags removed), rendered (with tags), finish_reason, alarms, peak temptation.
+        Cancellation uses the processor's own stop mechanism (a step callback that stops the row).
+        """
+        from pretag.control import TagProcessor
+        from pretag.generate import GenerateConfig, generate
+
+        def stop_if_cancelled(info) -> None:
+            if cancelled():
+                info.stop()
+
+        proc = TagProcessor(self.tokenizer, self.schema, policy, callback=stop_if_cancelled)
+        streamer = _EventStreamer(self, proc, policy, on_token)
+        greedy = params.temperature == 0
+        cfg = GenerateConfig(max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+                             temperature=1.0 if greedy else params.temperature, top_k=params.top_k or 0,
+                             top_p=params.top_p or 1.0, seed=params.seed)
+        t0 = time.perf_counter()
+        seq = generate(self.model, self.tokenizer, self.schema, prompt, policy, cfg, streamer=streamer,
+                       processor=proc).sequences[0]
+        if cancelled():
+            reason = "cancelled"
+        elif seq.stopped_by_alarm:
+            reason = "alarm"
+        elif seq.tokens and seq.tokens[-1].id == self.tokenizer.eos_token_id:
+            reason = "stop"
+        else:
+            reason = "length"
+        peak = {t: max((e["temptation"].get(t, 0.0) for e in streamer.events), default=0.0)
+                for t in self.schema.tag_names}
+        return {"text": seq.text, "rendered": seq.rendered, "n_tokens": len(streamer.events),
+                "finish_reason": reason, "alarms": streamer.alarms, "max_temptation": peak,
+                "model_s": round(time.perf_counter() - t0, 6)}
+
+
+class _EventStreamer:
+    """An HF streamer (``put``/``end``): each new token becomes an event with the processor's record for its step.
+
+    HF calls the processor for step t (which records the temptation), samples, then ``put``s token t, so at
+    ``put`` time the processor's last record is this token's step.
+    """
+
+    def __init__(self, engine: Engine, proc, policy: TagPolicy, on_token: Callable[[dict[str, Any]], None]):
+        self.engine, self.proc, self.policy, self.on_token = engine, proc, policy, on_token
+        self.prompt_seen = False
+        self.ids: list[int] = []
+        self.text = ""
+        self.events: list[dict[str, Any]] = []
+        self.alarms: list[dict[str, Any]] = []
+        tok, schema = engine.tokenizer, engine.schema
+        self.tag_of_id = {tok.convert_tokens_to_ids(schema.open_token(t)): t for t in schema.tag_names}
+        self.cols = {t: proc.slot_of_tag(t) for t in schema.tag_names}
+        self.n_operator_rules = len(engine.operator.rules)
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        for tid in value.reshape(-1).tolist():
+            self._token(int(tid))
+
+    def end(self) -> None:
+        pass
+
+    def _token(self, tid: int) -> None:
+        step = len(self.ids)
+        if step >= len(self.proc.temptations):  # defensive: a token the processor never saw is not ours to send
+            return
+        self.ids.append(tid)
+        # decode everything so far and send the new suffix: byte-level BPE splits characters across tokens
+        shown = [i for i in self.ids if i != self.engine.tokenizer.eos_token_id]
+        full = self.engine.tokenizer.decode(shown, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: its text comes with the next token
+            piece = ""
+        else:
+            piece, self.text = full[len(self.text):], full
+        temp = self.proc.temptations[step][0].tolist()
+        temptation = {t: float(temp[c]) for t, c in self.cols.items()}
+        alarms = []
+        if step < len(self.proc.fired):
+            for i in self.proc.fired[step][0].nonzero().reshape(-1).tolist():
+                r = self.policy.rules[i]
+                alarm = {"rule": r.label, "action": r.action, "step": step,
+                         "source": "operator" if i < self.n_operator_rules else "request"}
+                if r.watch is not None:
+                    alarm.update(tag=r.watch, p=temptation.get(r.watch), threshold=r.above)
+                alarms.append(alarm)
+        self.alarms.extend(alarms)
+        event = {"index": step, "id": tid, "text": piece, "tag": self.tag_of_id.get(tid),
+                 "temptation": temptation, "alarms": alarms}
+        self.events.append(event)
+        self.on_token(event)

@@ -1,0 +1,319 @@
+"""Tokenizers, tag-safe encoding, and packing of labeled documents into training blocks.
+
+The one rule of this module: **tags are structure, never text**. A tag token id enters a sequence only when the
+labeled structure says so (``Schema.render_pieces``); text pieces, from the corpus or from a prompt, are encoded with
+special-token matching switched off, so ``"<|bad|>"`` typed by a user is just seven characters. ``encode_text``
+checks the result anyway and refuses to return a special id.
+
+Packing concatenates documents (EOS between them) into fixed-length blocks and carries, for every token, the
+scores of the segment it came from, that segment's reward and whether the token is a tag, so the objectives in
+``pretag.objectives`` can weight tokens without knowing about segments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretag.schema import Attribute, Schema, load_schema
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+# ---- reading the labeled dataset ----------------------------------------------------------------------------------
+def read_labeled(path: str | Path) -> tuple[Schema, list[dict[str, Any]]]:
+    """Read a labeled dataset directory (see docs/CONTRACTS.md) into (schema, rows).
+
+    Uses ``pretag.label.load_labeled`` when it exists; otherwise reads the Parquet shards with pyarrow, which is all
+    the contract needs.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"labeled dataset {str(path)!r} is not a directory")
+    try:
+        from pretag.label import load_labeled
+    except ImportError:
+        load_labeled = None
+    if load_labeled is not None:
+        return load_labeled(path)
+    import pyarrow.parquet as pq
+
+    if not (path / "schema.yaml").exists():
+        raise FileNotFoundError(f"{path}: no schema.yaml; is this a directory written by `pretag label`?")
+    shards = sorted(path.glob("part-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no part-*.parquet shards")
+    schema = load_schema(path / "schema.yaml")
+    rows: list[dict[str, Any]] = []
+    for shard in shards:
+        rows.extend(pq.read_table(shard).to_pylist())
+    for r in rows:
+        if isinstance(r.get("fields"), str):
+            r["fields"] = json.loads(r["fields"] or "{}")
+    return schema, rows
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------------------------
+def train_tokenizer(texts: Iterable[str], schema: Schema, vocab_size: int = 8192, min_frequency: int = 2):
+    """Train a byte-level BPE tokenizer (GPT-2 style) and return it as a HF fast tokenizer with the tag tokens.
+
+    The tag tokens are *not* given to the BPE trainer: a trainer's special tokens live in the model vocabulary,
+    where merges learnt from a corpus that contains the literal ``<|bad|>`` could reproduce them. They are added
+    afterwards as added tokens, with ids past the BPE vocabulary that no merge can reach.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size {vocab_size} is too small for byte-level BPE (256 bytes + specials); use >= 300")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(schema.tag_tokens),  # the total, tags included, is what the user asked for
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                 pad_token=PAD_TOKEN, model_max_length=1_000_000)
+    add_tag_tokens(hf, schema)
+    return hf
+
+
+def add_tag_tokens(tokenizer, schema: Schema) -> list[str]:
+    """Make the schema's tag tokens special tokens of ``tokenizer``; returns the ones that were new.
+
+    Also gives the tokenizer an EOS and a pad token when it lacks them (packing needs both).
+    """
+    extra: dict[str, Any] = {}
+    if tokenizer.eos_token is None:
+        extra["eos_token"] = EOS_TOKEN
+    if tokenizer.pad_token is None:
+        extra["pad_token"] = tokenizer.eos_token or EOS_TOKEN
+    vocab = tokenizer.get_vocab()
+    new = [t for t in schema.tag_tokens if t not in vocab]
+    present = set(tokenizer.all_special_tokens)
+    missing = [t for t in schema.tag_tokens if t not in present]
+    if missing:  # transformers 5 calls them extra special tokens; extend, never replace, the existing list
+        extra["extra_special_tokens"] = missing
+    if extra:
+        tokenizer.add_special_tokens(extra, replace_extra_special_tokens=False)
+    return new
+
+
+def tag_ids(tokenizer, schema: Schema) -> dict[str, int]:
+    """Tag token string -> id, always derived from the schema (never written down as numbers)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer lacks the tag tokens {missing}; add them with pretag.tokens.add_tag_tokens")
+    return ids
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Encode user or corpus text so that it can never produce a tag (or any special) token id.
+
+    Special-token matching is switched off for the call (tokenizers' ``encode_special_tokens``), so a literal
+    ``<|bad|>`` is encoded as ordinary characters; the result is then checked, so a tokenizer whose base vocabulary
+    happens to hold a special string fails loudly instead of silently emitting a tag.
+    """
+    return encode_texts(tokenizer, [text])[0]
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Batch form of :func:`encode_text` (one Rust call for many pieces)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("pretag needs a fast (Rust `tokenizers`) tokenizer for tag-safe encoding")
+    backend = tokenizer.backend_tokenizer
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        encs = backend.encode_batch(list(texts), add_special_tokens=False)
+    finally:
+        backend.encode_special_tokens = before
+    out = [e.ids for e in encs]
+    special = set(tokenizer.all_special_ids)
+    for text, ids in zip(texts, out):
+        bad = special.intersection(ids)
+        if bad:
+            raise ValueError(f"text {text[:60]!r} encodes to special token ids {sorted(bad)}; this tokenizer's base "
+                             "vocabulary contains a special token string, so tag-safe encoding is impossible with it")
+    return out
+
+
+# ---- per-segment scores, rewards and badness ---------------------------------------------------------------------
+def _score(x: Any) -> float:
+    return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def is_bad(attr: Attribute, score: float, threshold: float | None = None) -> bool:
+    """Whether a score is misaligned; ``threshold`` (if not None; 0 is a threshold) overrides a binary attribute's."""
+    if math.isnan(score):
+        return False
+    if threshold is None or attr.bands is not None:
+        return attr.is_bad(score)
+    return score > threshold if attr.direction == "higher_is_worse" else score < threshold
+
+
+def segment_table(schema: Schema, row: dict[str, Any], threshold: float | None = None):
+    """Per-segment arrays for one document: scores (S, A) with NaN = unscored, reward (S,), bad (S,).
+
+    Document-level attributes are broadcast to every segment. The reward is the paper's R = -misalignment, summed
+    over attributes with the schema's weights (``Attribute.reward`` gives the sign); unscored attributes add 0.
+    """
+    n = len(row["segments"])
+    scores = np.full((n, len(schema.attributes)), np.nan, dtype=np.float32)
+    for j, a in enumerate(schema.attributes):
+        vals = row.get(f"score__{a.name}")
+        if vals is None:
+            continue
+        if a.level == "document":
+            scores[:, j] = _score(vals[0]) if len(vals) else np.nan
+        else:
+            if len(vals) != n:
+                raise ValueError(f"document {row.get('id')!r}: score__{a.name} has {len(vals)} scores "
+                                 f"for {n} segments")
+            scores[:, j] = [_score(v) for v in vals]
+    reward = np.zeros(n, dtype=np.float32)
+    bad = np.zeros(n, dtype=bool)
+    for j, a in enumerate(schema.attributes):
+        col = scores[:, j]
+        ok = ~np.isnan(col)
+        r = -col if a.direction == "higher_is_worse" else col
+        reward += np.where(ok, a.weight * r, 0.0).astype(np.float32)
+        bad |= np.array([is_bad(a, float(s), threshold) for s in col], dtype=bool)
+    return scores, reward, bad
+
+
+def document_misaligned(schema: Schema, row: dict[str, Any], threshold: float | None = None) -> bool:
+    """The filter objective's test (paper Eq. 4): is the document's average score, per attribute, bad?"""
+    scores, _, _ = segment_table(schema, row)
+    for j, a in enumerate(schema.attributes):
+        col = scores[:, j]
+        col = col[~np.isnan(col)]
+        if a.bands is None and len(col) and is_bad(a, float(col.mean()), threshold):
+            return True
+    return False
+
+
+# ---- documents -> token streams -> blocks ------------------------------------------------------------------------
+@dataclass
+class Blocks:
+    """Packed training data; row i is one block of ``block_size`` tokens (numpy arrays, torch-ready)."""
+
+    input_ids: np.ndarray  # (N, T) int64
+    scores: np.ndarray  # (N, T, A) float32: the token's segment scores per attribute; NaN = none (EOS, pad)
+    reward: np.ndarray  # (N, T) float32: the segment's reward (weighted sum over attributes)
+    bad: np.ndarray  # (N, T) bool: the token's segment is misaligned under the schema (or threshold override)
+    is_tag: np.ndarray  # (N, T) bool
+    mask: np.ndarray  # (N, T) bool: False on padding of the last block
+    attributes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], *, tags: bool,
+                     tag_dropout: float = 0.0, threshold: float | None = None, seed: int = 0):
+    """Encode documents into one token stream with per-token metadata (EOS after each document).
+
+    ``tags``: insert tag ids (conditional training). ``tag_dropout``: leave this fraction of segments (and of
+    document-level tags) untagged, the paper's trick so the model also learns the unconditional distribution.
+    """
+    if not 0.0 <= tag_dropout <= 1.0:
+        raise ValueError(f"tag_dropout must be in [0, 1], got {tag_dropout}")
+    rng = np.random.default_rng(seed)
+    ids_of = tag_ids(tokenizer, schema)
+    eos = tokenizer.eos_token_id
+    texts: list[str] = []
+    plan: list[tuple[int, int, int]] = []  # (doc, segment, tag id or -1 for a text piece)
+    tables = []
+    for d, row in enumerate(rows):
+        segs = list(row["segments"])
+        tables.append(segment_table(schema, row, threshold))
+        row_tags = {a.name: list(row.get(f"tag__{a.name}") or [None] * (1 if a.level == "document" else len(segs)))
+                    for a in schema.attributes} if tags else {}
+        if tags and tag_dropout > 0:
+            drop_doc = rng.random() < tag_dropout
+            drop_seg = rng.random(len(segs)) < tag_dropout
+            for a in schema.attributes:
+                keep = [not drop_doc] if a.level == "document" else ~drop_seg
+                row_tags[a.name] = [t if k else None for t, k in zip(row_tags[a.name], keep)]
+        for p in schema.render_pieces(segs, row_tags):
+            if p.tag is not None:
+                plan.append((d, p.segment, ids_of[p.text]))
+            elif p.text:
+                plan.append((d, p.segment, -1))
+                texts.append(p.text)
+        plan.append((d, -2, eos))
+    encoded = iter(encode_texts(tokenizer, texts))
+    n_attr = len(schema.attributes)
+    ids: list[int] = []
+    scores: list[np.ndarray] = []
+    reward: list[float] = []
+    bad: list[bool] = []
+    is_tag: list[bool] = []
+    nan_row = np.full(n_attr, np.nan, dtype=np.float32)
+    for d, seg, tid in plan:
+        sc, rw, bd = tables[d]
+        piece = next(encoded) if tid == -1 else [tid]
+        if seg >= 0:
+            srow, r, b = sc[seg], float(rw[seg]), bool(bd[seg])
+        elif seg == -1 and len(sc):  # document-level tag: the document's attributes, no segment's
+            doc_cols = [j for j, a in enumerate(schema.attributes) if a.level == "document"]
+            srow = nan_row.copy()
+            srow[doc_cols] = sc[0, doc_cols]
+            r, b = 0.0, False
+        else:  # EOS
+            srow, r, b = nan_row, 0.0, False
+        ids.extend(piece)
+        scores.extend([srow] * len(piece))
+        reward.extend([r] * len(piece))
+        bad.extend([b] * len(piece))
+        is_tag.extend([tid != -1 and tid != eos] * len(piece))
+    return (np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32).reshape(-1, n_attr),
+            np.asarray(reward, dtype=np.float32), np.asarray(bad, dtype=bool), np.asarray(is_tag, dtype=bool))
+
+
+def pack(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], block_size: int, *, tags: bool,
+         tag_dropout: float = 0.0, threshold: float | None = None, seed: int = 0) -> Blocks:
+    """Documents -> fixed-length blocks (the last one padded and masked), scores aligned with tokens."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    if not rows:
+        raise ValueError("no documents to pack")
+    ids, scores, reward, bad, is_tag = encode_documents(tokenizer, schema, rows, tags=tags, tag_dropout=tag_dropout,
+                                                        threshold=threshold, seed=seed)
+    n = len(ids)
+    n_blocks = max(1, math.ceil(n / block_size))
+    pad = n_blocks * block_size - n
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
+
+    def fill(x: np.ndarray, value) -> np.ndarray:
+        tail = np.full((pad, *x.shape[1:]), value, dtype=x.dtype)
+        return np.concatenate([x, tail]).reshape(n_blocks, block_size, *x.shape[1:])
+
+    blocks = Blocks(input_ids=fill(ids, pad_id), scores=fill(scores, np.nan), reward=fill(reward, 0.0),
+                    bad=fill(bad, False), is_tag=fill(is_tag, False), mask=mask.reshape(n_blocks, block_size),
+                    attributes=[a.name for a in schema.attributes])
+    logger.info("packed %d documents into %d blocks of %d tokens (%d tokens, %.1f%% bad, %d tag tokens)",
+                len(rows), n_blocks, block_size, n, 100 * bad.mean() if n else 0.0, int(is_tag.sum()))
+    return blocks

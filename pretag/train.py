@@ -1,0 +1,564 @@
+"""Training: the config (task file + method overlay + overrides), data preparation, and the trainer.
+
+The trainer is a small subclass of HF ``Trainer`` whose only job is ``compute_loss``: run the model, shift once
+(``pretag.objectives.shift``) and apply the chosen objective. Everything else — warm-up + cosine schedule, gradient
+clipping, evaluation, bf16 autocast, DDP/FSDP/DeepSpeed under ``accelerate launch``/``torchrun`` — is the HF
+machinery, so scaling up is a launcher change, not a code change. Two things are added on top:
+
+* checkpoints are written into a staging folder and renamed into place, so a SIGKILL never leaves a half-written
+  ``checkpoint-N`` for the next run to resume from; re-running the same command resumes from the last complete one,
+  with the same data order (accelerate's seedable sampler plus the saved RNG states);
+* a CSV of every logged metric and TensorBoard logs in the output directory, tokens/s in the progress bar.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretag.objectives import FILTERS_DATA, NEEDS_VALUES, OBJECTIVES, USES_TAGS, ObjectiveConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs" / "train"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``pretag train``; each can be set in a task file, a method overlay, --config or --set."""
+
+    method: str = "mle"
+    """One of mle, filter, conditional, unlikelihood, rwr, awr."""
+    model: str = "tiny"
+    """A size preset (micro, tiny, tiny-llama, small, gpt2-small), a HF model dir, a .gguf file, or smollm2."""
+    task: str = "auto"
+    """Task preset in configs/train/tasks (auto: the dataset's schema name, else 'default')."""
+    tokens: int = 2_000_000
+    """Training budget in tokens; steps = ceil(tokens / (batch_size * grad_accum * block_size * world size))."""
+    tokenizer: str | None = None
+    """An existing HF tokenizer dir; default: the pretrained model's own, or a BPE trained on the data."""
+    vocab_size: int = 8192
+    """Vocabulary of a freshly trained tokenizer (tag tokens included)."""
+    block_size: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float | None = None
+    """Peak learning rate; default 1e-3 for a fresh preset, 1e-4 for a pretrained model, 2e-4 with LoRA."""
+    warmup: float = 0.05
+    """Warm-up: a fraction of the steps if < 1, else a number of steps."""
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    adam_beta2: float = 0.95
+    eval_fraction: float = 0.05
+    """Fraction of documents held out (chosen by a hash of the id, so stable across runs) for the eval loss."""
+    eval_steps: int = 200
+    eval_max_blocks: int = 64
+    """Cap on held-out blocks, so evaluation stays cheap on CPU."""
+    save_steps: int = 200
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    seed: int = 0
+    precision: str = "bf16"
+    """bf16 (autocast; CPU and GPU), fp16 (GPU only) or fp32."""
+    device: str = "auto"
+    """auto (GPU if present, else CPU) or cpu."""
+    tag_dropout: float = 0.0
+    """conditional: fraction of segments left untagged (paper: 0.01 toxicity, 0.1 PEP8)."""
+    threshold: float | None = None
+    """filter/unlikelihood: score threshold overriding the schema's (0 means 0: any violation is bad)."""
+    alpha: float = 1.0
+    beta: float = 1.0
+    weight_clip: float = 1000.0
+    lora: bool = False
+    """Train LoRA adapters (peft) on a pretrained model; the saved model has them merged."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    num_workers: int = 0
+    sources: list[str] = field(default_factory=list)
+    """Where the values came from, in order (filled in by resolve_config; informational)."""
+
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(alpha=self.alpha, beta=self.beta, weight_clip=self.weight_clip)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- config resolution -----------------------------------------------------------------------------------------
+def _fields() -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig) if f.name != "sources"}
+
+
+def _type_ok(value: Any, annotation: str) -> Any:
+    """Coerce/check one value against a field annotation such as ``float | None``; raise ValueError if wrong."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ValueError("may not be null")
+    if isinstance(value, bool):
+        if "bool" in kinds:
+            return value
+        raise ValueError(f"must be {annotation}, got a boolean")
+    if "int" in kinds and isinstance(value, int):
+        return value
+    if "int" in kinds and isinstance(value, float) and value.is_integer() and "float" not in kinds:
+        return int(value)
+    if "float" in kinds and isinstance(value, int | float):
+        return float(value)
+    if "str" in kinds and isinstance(value, str):
+        return value
+    raise ValueError(f"must be {annotation}, got {value!r}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a training config must be a mapping")
+    return d
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["lr=3e-4", "threshold=0"]`` -> ``{"lr": 0.0003, "threshold": 0}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else None
+    return out
+
+
+def resolve_config(method: str | None = None, *, schema_name: str | None = None, config_file: str | Path | None = None,
+                   sets: dict[str, Any] | None = None, **explicit: Any) -> TrainConfig:
+    """Layer: defaults < methods/<m>.yaml < task file < task's ``methods.<m>`` < --config (same shape) < --set <
+    explicit arguments. Every problem (unknown key, wrong type, bad value) is collected and raised at once."""
+    problems: list[str] = []
+    fields = _fields()
+    layers: list[tuple[str, dict[str, Any]]] = []
+    user = _read_yaml(Path(config_file)) if config_file else {}
+    sets = dict(sets or {})
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    m = explicit.get("method") or sets.get("method") or user.get("method") or method or "mle"
+    if m not in OBJECTIVES:
+        raise ValueError(f"unknown method {m!r}; methods: {', '.join(OBJECTIVES)}")
+    overlay = CONFIG_DIR / "methods" / f"{m}.yaml"
+    if overlay.exists():
+        layers.append((str(overlay.relative_to(CONFIG_DIR.parent.parent)), _read_yaml(overlay)))
+    task = explicit.get("task") or sets.get("task") or user.get("task") or "auto"
+    if task == "auto":
+        task = schema_name if schema_name and (CONFIG_DIR / "tasks" / f"{schema_name}.yaml").exists() else "default"
+    task_file = CONFIG_DIR / "tasks" / f"{task}.yaml"
+    if not task_file.exists():
+        p = Path(task)
+        if not p.exists():
+            shipped = sorted(x.stem for x in (CONFIG_DIR / "tasks").glob("*.yaml"))
+            raise ValueError(f"task {task!r} is neither a file nor a shipped task ({', '.join(shipped)})")
+        task_file = p
+    for name, d in ((str(task_file.name), _read_yaml(task_file)), (str(config_file), user)):
+        if not d:
+            continue
+        per_method = d.get("methods") or {}
+        if not isinstance(per_method, dict):
+            problems.append(f"{name}: 'methods' must map method names to settings")
+            per_method = {}
+        for k in per_method:
+            if k not in OBJECTIVES:
+                problems.append(f"{name}: methods.{k} is not a method ({', '.join(OBJECTIVES)})")
+        layers.append((name, {k: v for k, v in d.items() if k != "methods"}))
+        if isinstance(per_method.get(m), dict):
+            layers.append((f"{name}:methods.{m}", per_method[m]))
+    layers += [("--set", sets), ("arguments", explicit)]
+    values: dict[str, Any] = {"method": m, "task": task}
+    sources = []
+    for name, d in layers:
+        if not d:
+            continue
+        sources.append(name)
+        for k, v in d.items():
+            if k not in fields:
+                problems.append(f"{name}: unknown key {k!r} (known: {', '.join(sorted(fields))})")
+                continue
+            try:
+                values[k] = _type_ok(v, fields[k])
+            except ValueError as e:
+                problems.append(f"{name}: {k} {e}")
+    values["method"], values["task"] = m, task
+    cfg = TrainConfig(**values, sources=sources)
+    problems += validate(cfg)
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s) in the training config:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    from pretag.models import PRESETS
+
+    p = []
+    if cfg.tokens <= 0:
+        p.append(f"tokens must be > 0, got {cfg.tokens}")
+    for k in ("block_size", "batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps"):
+        if getattr(cfg, k) < 1:
+            p.append(f"{k} must be >= 1, got {getattr(cfg, k)}")
+    if cfg.block_size < 2:
+        p.append("block_size must be >= 2 (one token predicts the next)")
+    if cfg.model in PRESETS and cfg.block_size > PRESETS[cfg.model].ctx:
+        p.append(f"block_size {cfg.block_size} exceeds preset {cfg.model!r}'s context of {PRESETS[cfg.model].ctx}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        p.append(f"lr must be > 0, got {cfg.lr}")
+    if not 0.0 <= cfg.tag_dropout <= 1.0:
+        p.append(f"tag_dropout must be in [0, 1], got {cfg.tag_dropout}")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        p.append(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.method == "awr" and not 0.0 <= cfg.alpha <= 1.0:
+        p.append(f"awr: alpha mixes LM and value loss and must be in [0, 1], got {cfg.alpha}")
+    if cfg.alpha < 0:
+        p.append(f"alpha must be >= 0, got {cfg.alpha}")
+    if cfg.beta <= 0:
+        p.append(f"beta must be > 0, got {cfg.beta}")
+    if cfg.weight_clip <= 0:
+        p.append(f"weight_clip must be > 0, got {cfg.weight_clip}")
+    if cfg.precision not in ("bf16", "fp16", "fp32"):
+        p.append(f"precision must be bf16, fp16 or fp32, got {cfg.precision!r}")
+    if cfg.device not in ("auto", "cpu"):
+        p.append(f"device must be auto or cpu, got {cfg.device!r}")
+    if cfg.schedule not in ("cosine", "linear", "constant_with_warmup"):
+        p.append(f"schedule must be cosine, linear or constant_with_warmup, got {cfg.schedule!r}")
+    if cfg.lora and cfg.model in PRESETS:
+        p.append(f"lora needs a pretrained model (a dir, .gguf or smollm2), not the fresh preset {cfg.model!r}")
+    if cfg.tag_dropout > 0 and cfg.method not in USES_TAGS:
+        logger.warning("tag_dropout is ignored by %s (only %s puts tags in the text)", cfg.method, sorted(USES_TAGS))
+    return p
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+def split_rows(rows: list[dict[str, Any]], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Hold out documents by a hash of their id: stable across runs and independent of row order."""
+    if eval_fraction <= 0 or len(rows) < 2:
+        return list(rows), []
+    keyed = sorted(rows, key=lambda r: zlib.crc32(str(r.get("id", r["text"])).encode()))
+    n_eval = max(1, round(eval_fraction * len(rows)))
+    held = {id(r) for r in keyed[:n_eval]}
+    return [r for r in rows if id(r) not in held], [r for r in rows if id(r) in held]
+
+
+@dataclass
+class Prepared:
+    model: Any
+    tokenizer: Any
+    schema: Any
+    train: Any  # pretag.tokens.Blocks
+    eval: Any | None
+    stats: dict[str, Any]
+
+
+def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None) -> Prepared:
+    """Read the labeled data, get a tokenizer and a model with the tag tokens, pack train/eval blocks."""
+    from transformers import AutoTokenizer
+
+    from pretag import models
+    from pretag.tokens import Blocks, document_misaligned, pack, read_labeled, train_tokenizer
+
+    schema, rows = read_labeled(data)
+    train_rows, eval_rows = split_rows(rows, cfg.eval_fraction)
+    stats: dict[str, Any] = {"documents": len(rows), "eval_documents": len(eval_rows)}
+    if cfg.method in FILTERS_DATA:
+        kept = [r for r in train_rows if not document_misaligned(schema, r, cfg.threshold)]
+        stats["filtered_out"] = len(train_rows) - len(kept)
+        logger.info("filter: dropped %d of %d training documents as misaligned", stats["filtered_out"],
+                    len(train_rows))
+        if not kept:
+            raise ValueError("filter: every training document is misaligned at this threshold; nothing to train on")
+        train_rows = kept
+    fresh = cfg.model in models.PRESETS
+    if resume_from is not None and (resume_from / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(resume_from)  # the very tokenizer the checkpoint was trained with
+        model = None
+    elif cfg.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        model = None
+    elif fresh:
+        tokenizer = train_tokenizer((r["text"] for r in train_rows), schema, vocab_size=cfg.vocab_size)
+        model = None
+    else:
+        model, tokenizer = models.load_pretrained(cfg.model)
+    if fresh:
+        from pretag.tokens import add_tag_tokens
+
+        add_tag_tokens(tokenizer, schema)
+        model = models.build_model(cfg.model, len(tokenizer), eos_id=tokenizer.eos_token_id,
+                                   pad_id=tokenizer.pad_token_id, seed=cfg.seed)
+    else:
+        if model is None:
+            model, _ = models.load_pretrained(cfg.model)
+        models.add_tags_to_model(model, tokenizer, schema)
+    tags = cfg.method in USES_TAGS
+    train_blocks = pack(tokenizer, schema, train_rows, cfg.block_size, tags=tags, tag_dropout=cfg.tag_dropout,
+                        threshold=cfg.threshold, seed=cfg.seed)
+    eval_blocks: Blocks | None = None
+    if eval_rows:
+        eval_blocks = pack(tokenizer, schema, eval_rows, cfg.block_size, tags=tags, threshold=cfg.threshold,
+                           seed=cfg.seed)
+        if len(eval_blocks) > cfg.eval_max_blocks:
+            eval_blocks = Blocks(*(getattr(eval_blocks, f.name)[: cfg.eval_max_blocks]
+                                   for f in dataclasses.fields(Blocks) if f.name != "attributes"),
+                                 attributes=eval_blocks.attributes)
+    stats.update(train_tokens=train_blocks.n_tokens, train_blocks=len(train_blocks),
+                 bad_token_fraction=float(train_blocks.bad[train_blocks.mask].mean()),
+                 tag_tokens=int(train_blocks.is_tag.sum()))
+    return Prepared(model, tokenizer, schema, train_blocks, eval_blocks, stats)
+
+
+class BlockDataset:
+    """A torch map-style dataset over packed blocks (one dict of tensors per block)."""
+
+    def __init__(self, blocks):
+        import torch
+
+        self.t = {
+            "input_ids": torch.from_numpy(blocks.input_ids), "reward": torch.from_numpy(blocks.reward),
+            "bad": torch.from_numpy(blocks.bad), "is_tag": torch.from_numpy(blocks.is_tag),
+            "mask": torch.from_numpy(blocks.mask),
+        }
+
+    def __len__(self) -> int:
+        return len(self.t["input_ids"])
+
+    def __getitem__(self, i: int) -> dict:
+        item = {k: v[i] for k, v in self.t.items()}
+        item["labels"] = item["input_ids"]  # tells HF's evaluation loop there is a loss to compute
+        return item
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------------
+def last_checkpoint(folder: Path) -> Path | None:
+    """The highest complete ``checkpoint-N`` (complete = renamed into place from staging)."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+            and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _trainer_class():
+    """Build the Trainer subclass lazily (transformers is heavy; ``import pretag.train`` stays light)."""
+    from transformers import Trainer
+
+    from pretag.models import VALUE_HEAD
+    from pretag.objectives import shift, text_nll
+
+    class PretagTrainer(Trainer):
+        def __init__(self, *args, pretag_cfg: TrainConfig, tokens_per_step: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pretag_cfg = pretag_cfg
+            self.objective = OBJECTIVES[pretag_cfg.method]
+            self.objective_cfg = pretag_cfg.objective_config()
+            self.tokens_per_step = tokens_per_step
+            self.loss_is_scaled_for_ga = False  # our losses are per-batch means
+            self._logs: dict[str, list[float]] = {}
+            self._clock: tuple[float, int] | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            need_values = self.pretag_cfg.method in NEEDS_VALUES
+            out = model(input_ids=inputs["input_ids"], output_hidden_states=need_values, use_cache=False)
+            values = None
+            if need_values:
+                head = getattr(self.accelerator.unwrap_model(model), VALUE_HEAD)
+                values = head(out.hidden_states[-1]).squeeze(-1)  # (B, T)
+            tb = shift(out.logits, inputs, values)
+            if model.training:
+                loss, logs = self.objective(tb, self.objective_cfg)
+                for k, v in logs.items():
+                    self._logs.setdefault(k, []).append(v)
+            else:
+                loss = text_nll(tb)  # held-out loss: text NLL, comparable across objectives
+            return (loss, out) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:
+                now, step = time.perf_counter(), self.state.global_step
+                if self._clock is not None and step > self._clock[1]:
+                    logs["tokens_per_s"] = (step - self._clock[1]) * self.tokens_per_step / (now - self._clock[0])
+                self._clock = (now, step)
+                for k, vs in self._logs.items():
+                    logs[f"obj/{k}"] = sum(vs) / len(vs)
+                self._logs.clear()
+            super().log(logs, start_time)
+
+        def _save_checkpoint(self, model, trial) -> None:
+            # Write into <out>/.staging, then rename: a checkpoint-N that exists is complete.
+            real = self.args.output_dir
+            staging = os.path.join(real, ".staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            name = f"checkpoint-{self.state.global_step}"
+            self.args.output_dir = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = real
+            if self.args.should_save:
+                final = os.path.join(real, name)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(os.path.join(staging, name), final)
+                shutil.rmtree(staging, ignore_errors=True)
+                done = sorted((p for p in Path(real).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                              key=lambda p: int(p.name.split("-")[-1]))
+                for old in done[: max(0, len(done) - (self.args.save_total_limit or len(done)))]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return PretagTrainer
+
+
+def _callbacks(out: Path):
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class MetricsCSV(TrainerCallback):
+        """Every logged number as a tidy row (step, name, value) in <out>/metrics.csv; resume truncates."""
+
+        path = out / "metrics.csv"
+
+        def on_train_begin(self, args, state, control, **kw):
+            rows = []
+            if self.path.exists():
+                with self.path.open() as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= state.global_step]
+            with self.path.open("w", newline="") as f:
+                w = csv.DictWriter(f, ["step", "name", "value"])
+                w.writeheader()
+                w.writerows(rows)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            with self.path.open("a", newline="") as f:
+                w = csv.writer(f)
+                for k, v in logs.items():
+                    if isinstance(v, int | float):
+                        w.writerow([state.global_step, k, v])
+
+    class Postfix(ProgressCallback):
+        """HF's bar, with loss and tokens/s in its postfix instead of a printed dict per log."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                post = {"loss": f"{logs['loss']:.3f}"}
+                if "tokens_per_s" in logs:
+                    post["tok/s"] = f"{logs['tokens_per_s']:.0f}"
+                self.training_bar.set_postfix(post)
+            elif logs and "eval_loss" in logs and state.is_world_process_zero:
+                logger.info("step %d: eval_loss %.4f", state.global_step, logs["eval_loss"])
+
+    tb = TensorBoardCallback()
+    tb.logging_dir = str(out / "tensorboard")  # not <out>/checkpoints/runs/<date>; reopened here after train end
+    return [MetricsCSV(), tb], Postfix
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens_per_s: float | None
+    params: int
+    resumed_from: str | None
+    stats: dict[str, Any]
+
+
+def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
+    """Train ``cfg.model`` on the labeled dataset ``data`` with ``cfg.method``; write a model dir to ``out``.
+
+    Running the same call again after a crash resumes from the last complete checkpoint in ``out/checkpoints``.
+    """
+    import torch
+    from transformers import TrainingArguments, default_data_collator
+    from transformers.trainer_callback import ProgressCallback
+
+    from pretag import models
+
+    out = Path(out)
+    ckpt_dir = out / CHECKPOINTS
+    resume = last_checkpoint(ckpt_dir)
+    saved = out / models.TRAIN_FILE
+    if resume is not None and saved.exists():
+        before = yaml.safe_load(saved.read_text()).get("config", {})
+        now = {k: v for k, v in cfg.to_dict().items() if k != "sources"}
+        diff = [k for k in now if before.get(k) != now[k]]
+        if diff:
+            raise ValueError(f"{out} holds a run with a different config ({', '.join(diff)}); resume needs the same "
+                             "command, or pick a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    prep = prepare(cfg, data, resume_from=resume)
+    model, tokenizer = prep.model, prep.tokenizer
+    if cfg.lora:
+        model = models.apply_lora(model, tokenizer, prep.schema, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    if cfg.method in NEEDS_VALUES:
+        models.attach_value_head(model)
+    saved.write_text(yaml.safe_dump({"config": {k: v for k, v in cfg.to_dict().items() if k != "sources"},
+                                     "sources": cfg.sources, "status": "running"}, sort_keys=False))
+
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
+    steps = math.ceil(cfg.tokens / tokens_per_step)
+    lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.model in models.PRESETS else 2e-4 if cfg.lora else 1e-4)
+    warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
+    eval_on = prep.eval is not None
+    if cfg.precision == "fp16" and use_cpu:
+        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, learning_rate=lr,
+        lr_scheduler_type=cfg.schedule, warmup_steps=warmup, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, adam_beta2=cfg.adam_beta2, logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if eval_on else "no", eval_steps=cfg.eval_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
+        bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", use_cpu=use_cpu, report_to="none",
+        dataloader_num_workers=cfg.num_workers, remove_unused_columns=False, prediction_loss_only=True,
+        save_only_model=False, disable_tqdm=False,
+    )
+    callbacks, progress = _callbacks(out)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=BlockDataset(prep.train),
+        eval_dataset=BlockDataset(prep.eval) if eval_on else None, data_collator=default_data_collator,
+        processing_class=tokenizer, callbacks=callbacks, pretag_cfg=cfg, tokens_per_step=tokens_per_step,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("training %s (%.2fM params) with %s for %d steps (%d tokens/step, %.1f epochs of %d tokens)%s",
+                cfg.model, n_params / 1e6, cfg.method, steps, tokens_per_step,
+                steps * tokens_per_step / max(1, prep.train.n_tokens), prep.train.n_tokens,
+                f", resuming from {resume.name}" if resume else "")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_on else None
+    speeds = [h["tokens_per_s"] for h in trainer.state.log_history if "tokens_per_s" in h]
+    res = TrainResult(out=out, steps=trainer.state.global_step, train_loss=result.training_loss, eval_loss=eval_loss,
+                      tokens_per_s=sum(speeds) / len(speeds) if speeds else None, params=n_params,
+                      resumed_from=resume.name if resume else None, stats=prep.stats)
+    if trainer.is_world_process_zero():
+        final = {"config": {k: v for k, v in cfg.to_dict().items() if k != "sources"}, "sources": cfg.sources,
+                 "status": "done", "result": {"steps": res.steps, "train_loss": res.train_loss,
+                                              "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
+                                              "params": n_params, **prep.stats}}
+        models.save_model_dir(trainer.accelerator.unwrap_model(trainer.model), tokenizer, prep.schema, final, out)
+    return res

@@ -1,0 +1,271 @@
+"""TagProcessor and policies: uniform-logit tests with exact values (the HF logits-processor test style)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pretag.control import (  # noqa: E402
+    AlarmStop,
+    PolicyError,
+    Rule,
+    TagPolicy,
+    TagProcessor,
+    load_policy,
+    parse_policy,
+    shipped_policies,
+)
+from pretag.schema import load_schema, schema_from_dict  # noqa: E402
+
+CORPUS = ["x = 1\n", "def f(a, b):\n    return a + b\n", "Hello there. How are you? Fine!\n"] * 10
+
+
+def tiny_tokenizer(schema):
+    from pretag.tokens import train_tokenizer
+
+    return train_tokenizer(CORPUS, schema, vocab_size=300, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def pep8():
+    s = load_schema("pep8")
+    return s, tiny_tokenizer(s)
+
+
+@pytest.fixture(scope="module")
+def multi():
+    s = load_schema("multi")
+    return s, tiny_tokenizer(s)
+
+
+def ids_of(tok, text, start=True):
+    from pretag.tokens import encode_text
+
+    return torch.tensor([([tok.eos_token_id] if start else []) + encode_text(tok, text)])
+
+
+def uniform(tok, batch=1):
+    return torch.zeros(batch, len(tok))
+
+
+def tag_id(tok, schema, tag):
+    return tok.convert_tokens_to_ids(schema.open_token(tag))
+
+
+def test_ban_free_mode_exact(pep8):
+    s, tok = pep8
+    p = TagProcessor(tok, s, "force_at:none,ban:bad")
+    ids, scores = ids_of(tok, "x = 1"), uniform(tok)
+    before = scores.clone()
+    out = p(ids, scores)
+    assert torch.equal(scores, before), "input modified in place"
+    assert out is not scores
+    bad, good = tag_id(tok, s, "bad"), tag_id(tok, s, "good")
+    assert out[0, bad] == float("-inf")
+    others = torch.ones(len(tok), dtype=torch.bool)
+    others[bad] = False
+    assert torch.equal(out[0, others], scores[0, others])  # everything else untouched, tags included
+    assert out[0, good] == 0.0
+    # temptation = softmax probability before the ban: 1/V under uniform logits
+    assert p.temptations[0][0].tolist() == pytest.approx([1 / len(tok)] * 2)
+
+
+def test_temptation_is_pre_ban_softmax(pep8):
+    s, tok = pep8
+    p = TagProcessor(tok, s, "force_at:none,ban:bad")
+    scores = torch.randn(3, len(tok))
+    scores[1, tag_id(tok, s, "bad")] = 8.0
+    p(torch.cat([ids_of(tok, "x = 1")] * 3), scores)
+    want = torch.softmax(scores, -1)[:, p.slot_ids]
+    assert torch.allclose(p.temptations[0], want)
+    assert p.temptations[0][1, 1] > 0.5  # the tempted row
+
+
+def test_bias_and_force(pep8):
+    s, tok = pep8
+    bad, good = tag_id(tok, s, "bad"), tag_id(tok, s, "good")
+    p = TagProcessor(tok, s, "force_at:none,bias:good=+2,bias:bad=-1.5")
+    out = p(ids_of(tok, "x"), uniform(tok))
+    assert out[0, good] == 2.0 and out[0, bad] == -1.5
+    assert p.actions[0][0].tolist() == [1, 1]  # both biased
+    # force:good at a segment start (after a newline): only <|good|> is finite
+    p = TagProcessor(tok, s, "force:good")
+    out = p(ids_of(tok, "x = 1\n"), uniform(tok))
+    finite = torch.isfinite(out[0]).nonzero().flatten().tolist()
+    assert finite == [good]
+    assert p.forced[0].tolist() == [True]
+    # mid-line, the default segment mode bans every tag and leaves text alone
+    out = p(ids_of(tok, "x = 1\nx"), uniform(tok))
+    assert out[0, good] == out[0, bad] == float("-inf")
+    assert torch.isfinite(out[0]).sum() == len(tok) - 2
+
+
+def test_segment_start_heuristics(multi, pep8):
+    s, tok = multi  # sentences, one document-level attribute (offensive) then four segment attributes
+    p = TagProcessor(tok, s, "ban:profane,force:safe")
+    eos = tok.eos_token_id
+    order = ["offensive", "profanity", "pii", "sentiment", "grade"]
+
+    def allowed(ids):
+        out = p(torch.tensor([ids]), uniform(tok))
+        return {t for t in s.tag_names if torch.isfinite(out[0, tag_id(tok, s, t)])}, bool(p.forced[-1][0])
+
+    got, forced = allowed([eos])  # document start: the document-level tag comes first
+    assert forced and got == {"safe"}
+    prefix = [eos, tag_id(tok, s, "safe")]
+    got, forced = allowed(prefix)
+    assert forced and got == {"clean"}  # profane banned
+    prefix.append(tag_id(tok, s, "clean"))
+    got, _ = allowed(prefix)
+    assert got == {"nopii", "pii"}
+    from pretag.tokens import encode_text
+
+    mid = encode_text(tok, "Hello there")
+    got, forced = allowed(prefix + mid)
+    assert not forced and got == set()
+    end = encode_text(tok, "Hello there. ")
+    got, forced = allowed(prefix + end)
+    assert forced and got == {"clean"}, tok.convert_ids_to_tokens(end)
+    got, forced = allowed(prefix + encode_text(tok, "Hello there.") + encode_text(tok, " "))  # "." then " "
+    assert forced
+    assert order[0] == s.attributes[0].name
+    # lines: only a newline ends a segment
+    s2, tok2 = pep8
+    p2 = TagProcessor(tok2, s2, None)
+    p2(ids_of(tok2, "x = 1. "), uniform(tok2))
+    p2(ids_of(tok2, "x = 1\n"), uniform(tok2))
+    assert [f.item() for f in p2.forced] == [False, True]
+
+
+def test_ban_only_and_start_modes(pep8):
+    s, tok = pep8
+    bad, good = tag_id(tok, s, "bad"), tag_id(tok, s, "good")
+    p = TagProcessor(tok, s, "ban:bad,force_at:none")
+    out = p(ids_of(tok, "x = 1\n"), uniform(tok))
+    assert not p.forced[0].item() and out[0, good] == 0.0 and out[0, bad] == float("-inf")
+    p = TagProcessor(tok, s, "force:good,force_at:start")
+    p(torch.tensor([[tok.eos_token_id]]), uniform(tok))
+    assert p.forced[0].item()
+    out = p(torch.tensor([[tok.eos_token_id, good] + ids_of(tok, "x\n", start=False)[0].tolist()]), uniform(tok))
+    assert not p.forced[1].item() and out[0, good] == 0.0 and out[0, bad] == float("-inf")
+
+
+def test_span_schema_bans_every_tag_inside_the_span():
+    s = schema_from_dict({"name": "sp", "render": "span", "segmenter": "sentences",
+                          "attributes": [{"name": "tox", "scorer": "profanity", "threshold": 0.5}]})
+    tok = tiny_tokenizer(s)
+    p = TagProcessor(tok, s, None)
+    out = p(torch.tensor([[tok.eos_token_id, tok.convert_tokens_to_ids("<good>")]]), uniform(tok))
+    for t in s.tag_tokens:
+        assert out[0, tok.convert_tokens_to_ids(t)] == float("-inf"), t
+    assert len(p.temptations[0][0]) == 4  # <good> </good> <bad> </bad> all measured
+
+
+def test_rule_ban_after_n_fires_at_the_right_step(pep8):
+    s, tok = pep8
+    bad = tag_id(tok, s, "bad")
+    p = TagProcessor(tok, s, "force_at:none,ban:bad@3")
+    ids = ids_of(tok, "x")
+    for step in range(5):
+        out = p(ids, uniform(tok))
+        assert (out[0, bad] == float("-inf")) == (step >= 3), step
+        ids = torch.cat([ids, ids[:, -1:]], 1)
+    fired = torch.stack(p.fired, 1)[0, :, 0].tolist()
+    assert fired == [False, False, False, True, False]  # fires once, then stays latched
+
+
+def test_alarm_consecutive_stop_and_stopping_criteria(pep8):
+    s, tok = pep8
+    bad = tag_id(tok, s, "bad")
+    p = TagProcessor(tok, s, "force_at:none,ban:bad,alarm:bad>0.5x2=stop")
+    stop = AlarmStop(p)
+    ids = torch.cat([ids_of(tok, "x")] * 2)
+    tempted = torch.zeros(2, len(tok))
+    tempted[0, bad] = 20.0  # row 0 wants <|bad|> every step; row 1 never
+    seq = [tempted, uniform(tok, 2), tempted, tempted, tempted]
+    stops = []
+    for scores in seq:
+        p(ids, scores)
+        ids = torch.cat([ids, ids[:, -1:]], 1)
+        stops.append(stop(ids, None).tolist())
+    assert stops == [[False, False], [False, False], [False, False], [True, False], [True, False]]
+    assert torch.stack(p.fired, 1)[0, :, 0].tolist() == [False, False, False, True, False]
+
+
+def test_switch_policy_and_callback(pep8):
+    s, tok = pep8
+    bad, good = tag_id(tok, s, "bad"), tag_id(tok, s, "good")
+    pol = TagPolicy(force_at="none", rules=[Rule("switch", watch="bad", above=0.5,
+                                                 policy=TagPolicy(ban=["bad"], force_at="none"))])
+    p = TagProcessor(tok, s, pol)
+    tempted = torch.zeros(1, len(tok))
+    tempted[0, bad] = 20.0
+    assert p(ids_of(tok, "x"), uniform(tok))[0, bad] == 0.0
+    assert p(ids_of(tok, "x"), tempted)[0, bad] == float("-inf")  # switched at the tempted step
+    assert p(ids_of(tok, "x"), uniform(tok))[0, bad] == float("-inf")  # and stays switched
+
+    seen = []
+
+    def cb(info):
+        seen.append(info.step)
+        if info.temptation[0, 1] > 0.5:
+            info.bias("good", 3.0)
+            info.flag("tempted")
+    p = TagProcessor(tok, s, "force_at:none", callback=cb)
+    out = p(ids_of(tok, "x"), tempted)
+    assert out[0, good] == 3.0 and seen == [0] and p.callback_alarms == [(0, 0, "tempted")]
+
+
+def test_beam_state_follows_parent_rows(pep8):
+    s, tok = pep8
+    bad = tag_id(tok, s, "bad")
+    a, b = tok.convert_tokens_to_ids("x"), tok.convert_tokens_to_ids("=")
+    tempted = torch.zeros(2, len(tok))
+    tempted[1, bad] = 20.0  # only beam 1 is tempted: it switches to the banning policy
+
+    def run(parents):
+        p = TagProcessor(tok, s, "force_at:none,alarm:bad>0.5=switch:ban-bad-free", num_beams=2)
+        ids = ids_of(tok, "x").repeat(2, 1)
+        p(ids, uniform(tok, 2))
+        ids = torch.cat([ids, torch.tensor([[a], [b]])], 1)  # two different beams
+        out = p(ids, tempted)
+        assert out[0, bad] == 0.0 and out[1, bad] == float("-inf")
+        ids = torch.cat([ids[parents], torch.tensor([[a], [a]])], 1)  # HF re-orders the rows
+        return p(ids, uniform(tok, 2))[:, bad].tolist()
+
+    assert run([1, 1]) == [float("-inf")] * 2
+    assert run([0, 0]) == [0.0, 0.0]
+    assert run([1, 0]) == [float("-inf"), 0.0]
+
+
+def test_policy_parsing_and_validation(multi):
+    s, _ = multi
+    p = load_policy("ban:profane,bias:grade:6-10=+2,force:safe", s)
+    assert p.ban == ["profane"] and p.bias == {"grade:6-10": 2.0} and p.force == ["safe"]
+    with pytest.raises(PolicyError) as e:
+        load_policy("ban:nasty,bias:grade:6-10=x,force:safe,force:offensive,frob:1", s)
+    msg = str(e.value)
+    assert "frob" in msg and "bias:grade:6-10=x" in msg  # parse problems reported together
+    with pytest.raises(PolicyError) as e:
+        load_policy("ban:nasty,force:safe,force:offensive,alarm:zzz>0.3", s)
+    msg = str(e.value)
+    for needle in ("'nasty'", "at most one tag can be forced", "'zzz'", "has tags: safe"):
+        assert needle in msg, needle
+    with pytest.raises(PolicyError, match="every value is banned"):
+        load_policy("ban:clean,ban:profane", s)
+    r = parse_policy("alarm:bad>0.25x3@10=stop").rules[0]
+    assert (r.watch, r.above, r.consecutive, r.after, r.action) == ("bad", 0.25, 3, 10, "stop")
+
+
+def test_shipped_policies_validate():
+    names = shipped_policies()
+    assert names, "no shipped policies"
+    for n in names:
+        import yaml
+
+        from pretag.control import POLICY_DIR
+
+        schema = load_schema(yaml.safe_load((POLICY_DIR / f"{n}.yaml").read_text()).get("schema", "pep8"))
+        load_policy(n, schema)

@@ -1,0 +1,286 @@
+"""Metrics against hand-computed values on tiny cases; model-based metrics on tiny models built in the test."""
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from pretag import evaluate as ev
+
+
+# ---- statistics -------------------------------------------------------------------------------------------
+def test_bootstrap_of_a_constant_is_a_point():
+    e = ev.bootstrap_ci([0.25] * 17)
+    assert (e.value, e.lo, e.hi, e.n) == (0.25, 0.25, 0.25, 17)
+
+
+def test_bootstrap_interval_contains_mean_and_is_deterministic():
+    x = [0, 1] * 20
+    a, b = ev.bootstrap_ci(x, seed=3), ev.bootstrap_ci(x, seed=3)
+    assert a == b
+    assert a.lo < 0.5 < a.hi and a.value == 0.5
+    # the 95% interval of a mean of 40 fair coins is about ±1.96*0.5/sqrt(40) = ±0.155
+    assert 0.08 < a.hi - 0.5 < 0.25
+
+
+def test_bootstrap_rejects_empty():
+    with pytest.raises(ValueError, match="non-empty"):
+        ev.bootstrap_ci([])
+
+
+def test_auroc_perfect_inverse_and_ties():
+    assert ev.auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert ev.auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert ev.auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    # pairs (pos, neg): (0.5 vs 0.1)=1, (0.5 vs 0.5)=1/2, (0.9 vs 0.1)=1, (0.9 vs 0.5)=1 -> 3.5/4
+    assert ev.auroc([0.1, 0.5, 0.5, 0.9], [0, 0, 1, 1]) == pytest.approx(3.5 / 4)
+    assert math.isnan(ev.auroc([0.1, 0.2], [1, 1]))
+
+
+def test_auroc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    s, y = rng.integers(0, 5, 40).astype(float), rng.integers(0, 2, 40)
+    pos, neg = s[y == 1], s[y == 0]
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+    assert ev.auroc(s, y) == pytest.approx(np.mean(pairs))
+
+
+def test_calibration_table():
+    t = ev.calibration_table([0.05, 0.15, 0.95, 1.0], [0, 1, 1, 1], n_bins=2)
+    lo, hi = t["bins"]
+    assert (lo["n"], lo["mean_prob"], lo["frac_positive"]) == (2, pytest.approx(0.1), 0.5)
+    assert (hi["n"], hi["mean_prob"], hi["frac_positive"]) == (2, pytest.approx(0.975), 1.0)
+    # ece = 1/2*|0.1-0.5| + 1/2*|0.975-1| = 0.2125
+    assert t["ece"] == pytest.approx(0.2125)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ev.calibration_table([1.5], [1])
+
+
+def test_distinct_n():
+    texts = ["a b a b", "a b c"]
+    # unigrams a b a b a b c: 3 unique / 7; bigrams ab ba ab ab bc: 3 unique / 5; trigrams aba bab abc: 3 / 3
+    assert ev.distinct_n(texts, 1) == pytest.approx(3 / 7)
+    assert ev.distinct_n(texts, 2) == pytest.approx(3 / 5)
+    assert ev.distinct_n(texts, 3) == 1.0
+    assert ev.distinct_n([""], 2) == 0.0
+
+
+def test_expected_max_exact_and_by_enumeration():
+    # 2-subsets of {1,2,3}: maxima 2, 3, 3 -> 8/3
+    assert ev.expected_max([3, 1, 2], k=2) == pytest.approx(8 / 3)
+    assert ev.expected_max([3, 1, 2], k=1) == pytest.approx(2.0)
+    assert ev.expected_max([3, 1, 2], k=3) == 3.0
+    from itertools import combinations
+
+    x = [0.3, 0.1, 0.9, 0.4, 0.4, 0.0]
+    want = np.mean([max(c) for c in combinations(x, 4)])
+    assert ev.expected_max(x, 4) == pytest.approx(want)
+    with pytest.raises(ValueError, match="k must be"):
+        ev.expected_max([1.0], k=2)
+
+
+# ---- misalignment -----------------------------------------------------------------------------------------
+def test_strip_tags_and_partial_segment():
+    assert ev.strip_tags("<|bad|>x = 1\n<|good|>y", ["<|good|>", "<|bad|>"]) == "x = 1\ny"
+    assert ev.scorable_segments(["a\n", "b\n", "c"], truncated=True) == [0, 1]
+    assert ev.scorable_segments(["a\n", "b\n", "c"], truncated=False) == [0, 1, 2]
+    assert ev.scorable_segments(["abc"], truncated=True) == [0]
+
+
+def test_sample_score_is_character_weighted():
+    # 2 violations/char over 1 char and 0 over 3 chars -> 2 violations in 4 chars = 0.5
+    assert ev.sample_score(["a", "bcd"], [2.0, 0.0]) == 0.5
+    assert ev.sample_score(["a", "bcd"], [None, 1.0]) == 1.0
+    assert ev.sample_score(["a"], [None]) is None
+
+
+def test_misalignment_summary_hand_computed():
+    segs = [["aa", "bb"], ["cccc"], ["d", "e", "f", "g"]]
+    scores = [[1.0, 0.0], [0.0], [0.0, 0.0, 0.0, 1.0]]
+    m = ev.misalignment_summary(segs, scores, lambda s: s > 0, k=2, n_resamples=200)
+    assert m["n_samples"] == 3 and m["n_segments"] == 7
+    # per-sample per-char scores: 0.5, 0, 0.25 -> mean 0.25
+    assert m["score"]["value"] == pytest.approx(0.25)
+    assert m["frac_samples_any_bad"]["value"] == pytest.approx(2 / 3)
+    assert m["frac_bad_segments"]["value"] == pytest.approx(2 / 7)
+    # E[max of 2 of {0, .25, .5}] = (0.25 + 0.5 + 0.5) / 3
+    assert m["expected_max"] == pytest.approx(1.25 / 3) and m["expected_max_k"] == 2
+    neg = ev.misalignment_summary(segs, scores, lambda s: s > 0, higher_is_worse=False, n_resamples=10)
+    assert neg["score"]["value"] == pytest.approx(-0.25)
+
+
+# ---- model-based ------------------------------------------------------------------------------------------
+def tiny_char_tokenizer(extra_special: list[str] | None = None):
+    """A character-level fast tokenizer over a small alphabet; BOS/EOS/PAD specials; optional tag tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 =.<>|\n")
+    vocab = {c: i for i, c in enumerate(["<s>", "</s>", "<pad>", "<unk>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join without spaces: decode(encode(s)) == s
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>")
+    if extra_special:
+        t.add_special_tokens({"additional_special_tokens": extra_special})
+    return t
+
+
+def tiny_model(vocab_size: int, seed: int = 0, n_positions: int = 64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2,
+                     bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_uniform_model_logprob_is_minus_n_log_v():
+    tok = tiny_char_tokenizer()
+    m = tiny_model(len(tok))
+    with torch.no_grad():
+        m.lm_head.weight.zero_()  # tied to the input embeddings: all logits 0 -> uniform
+    lp = ev.sequence_logprobs(m, tok, ["abc", "x = 1", "a"])
+    V = len(tok)
+    assert lp == pytest.approx([-3 * math.log(V), -5 * math.log(V), -1 * math.log(V)], rel=1e-5)
+
+
+def test_logprob_matches_manual_chain_rule_and_is_batch_invariant():
+    tok = tiny_char_tokenizer()
+    m = tiny_model(len(tok), seed=1)
+    texts = ["hello world", "ab", "the cat sat."]
+    ids = [tok.bos_token_id, *ev.encode_plain(tok, texts[0])]
+    with torch.no_grad():
+        logp = torch.log_softmax(m(torch.tensor([ids])).logits[0], -1)
+    manual = sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1))
+    one = ev.sequence_logprobs(m, tok, texts, batch_size=1)
+    many = ev.sequence_logprobs(m, tok, texts, batch_size=3)  # padding must not change anything
+    assert one[0] == pytest.approx(manual, abs=1e-4)
+    assert many == pytest.approx(one, abs=1e-4)
+
+
+def test_kl_of_a_model_against_itself_is_zero_and_positive_against_another():
+    tok = tiny_char_tokenizer()
+    ref, other = tiny_model(len(tok), seed=1), tiny_model(len(tok), seed=2)
+    torch.manual_seed(0)
+    start = torch.full((64, 1), tok.bos_token_id)
+    with torch.no_grad():
+        out = ref.generate(start, do_sample=True, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                           eos_token_id=None, top_k=0, suppress_tokens=list(range(4)))  # no specials
+    samples = [tok.decode(o[1:]) for o in out]
+    assert all(ev.encode_plain(tok, s) == o[1:].tolist() for s, o in zip(samples, out))  # exact round trip
+    lp_ref = ev.sequence_logprobs(ref, tok, samples)
+    kl_self = ev.kl_from_reference(lp_ref, ev.sequence_logprobs(ref, tok, samples))
+    assert (kl_self.value, kl_self.lo, kl_self.hi) == (0.0, 0.0, 0.0)
+    kl = ev.kl_from_reference(lp_ref, ev.sequence_logprobs(other, tok, samples))
+    assert kl.value > 0
+
+
+def test_lm_loss_excludes_tag_tokens():
+    tok = tiny_char_tokenizer(["<|good|>", "<|bad|>"])
+    m = tiny_model(len(tok))
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+    good = tok.convert_tokens_to_ids("<|good|>")
+    docs = [[([good], False), (ev.encode_plain(tok, "ab"), True), ([good], False), (ev.encode_plain(tok, "c"), True)]]
+    out = ev.lm_loss(m, docs, start_id=tok.bos_token_id)
+    assert out["n_tokens"] == 3
+    assert out["loss"] == pytest.approx(math.log(len(tok)), rel=1e-5)
+    # a special-token string in user text is text, never the tag
+    assert good not in ev.encode_plain(tok, "<|good|>")
+
+
+def test_long_documents_are_windowed_to_the_context():
+    tok = tiny_char_tokenizer()
+    m = tiny_model(len(tok), n_positions=8)
+    text = "abcdefghij" * 3  # 30 tokens > context 8
+    [(s, n)] = ev.token_logprobs(m, [[(ev.encode_plain(tok, text), True)]], start_id=tok.bos_token_id)
+    assert n == 30 and math.isfinite(s)
+
+
+# ---- self-tagging, with an oracle model whose behaviour is known ------------------------------------------
+def xschema():
+    from pretag.schema import schema_from_dict
+
+    return schema_from_dict({"name": "x", "segmenter": "lines",
+                             "attributes": [{"name": "x", "scorer": {"type": "regex", "patterns": ["x"]}, "threshold": 0}]})
+
+
+class Oracle(torch.nn.Module):
+    """Predicts <|bad|> before a segment that starts with 'x' (it peeks ahead: a perfect tagger), and after a bad
+    tag makes 'x' likely (+3), after a good tag unlikely (-3): so log p(seg | bad) > log p(seg | good) iff x."""
+
+    def __init__(self, tok, strength: float = 5.0):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(n_positions=64)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.V, self.s = len(tok), strength
+        self.good, self.bad = tok.convert_tokens_to_ids("<|good|>"), tok.convert_tokens_to_ids("<|bad|>")
+        self.x = tok.convert_tokens_to_ids("x")
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.V)
+        for b in range(B):
+            last = None
+            for t in range(T):
+                tok = int(input_ids[b, t])
+                last = tok if tok in (self.good, self.bad) else last
+                if t + 2 < T and int(input_ids[b, t + 1]) in (self.good, self.bad):
+                    logits[b, t, self.bad if int(input_ids[b, t + 2]) == self.x else self.good] = self.s
+                if last is not None:
+                    logits[b, t, self.x] = 3.0 if last == self.bad else -3.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_self_tagging_of_a_perfect_tagger():
+    schema = xschema()
+    tok = tiny_char_tokenizer(schema.tag_tokens)
+    rows = [{"segments": ["x = a\n", "a = b\n", "xx\n"], "tag__x": ["bad", "good", "bad"]},
+            {"segments": ["b = c\n", "x\n"], "tag__x": ["good", "bad"]}]
+    out = ev.self_tagging(Oracle(tok), tok, schema, rows)["x"]
+    assert (out["n"], out["n_bad"]) == (5, 3)
+    assert out["auroc"] == 1.0 and out["llr_auroc"] == 1.0
+    assert out["mean_llr_bad"] > 0 > out["mean_llr_good"]
+    bins = out["calibration"]["bins"]
+    p_bad = math.exp(5) / (math.exp(5) + 1)  # two tags compete; the oracle gives the right one +5
+    assert bins[-1]["n"] == 3 and bins[-1]["mean_prob"] == pytest.approx(p_bad, rel=1e-4)
+    assert bins[0]["n"] == 2 and bins[0]["mean_prob"] == pytest.approx(1 - p_bad, rel=1e-3)
+    # an oracle that always picks the wrong tag is perfectly wrong
+    wrong = Oracle(tok, strength=-5.0)
+    assert ev.self_tagging(wrong, tok, schema, rows)["x"]["auroc"] == 0.0
+
+
+def test_temptation_warning_matches_tags_to_the_segments_written():
+    from pretag.label import LabeledDoc
+
+    schema = xschema()
+    text = "x\nab\ncd\n"
+    ld = LabeledDoc(text, ["x\n", "ab\n", "cd\n"], {"x": [1.0, 0.0, 0.0]}, {"x": ["bad", "good", "good"]})
+    steps = [(0, "<|bad|>", {"<|bad|>": 0.9, "<|good|>": 0.1}), (2, "<|good|>", {"<|bad|>": 0.1, "<|good|>": 0.9}),
+             (5, "<|good|>", {"<|bad|>": 0.95, "<|good|>": 0.05})]
+    s = ev.Sample(text, truncated=False, tag_steps=steps)
+    out = ev.temptation_warning(schema, [s], [ld])["x"]
+    # before bad: [0.9]; before good: [0.1, 0.95] -> pairs: 0.9>0.1 (1), 0.9<0.95 (0) -> 0.5
+    assert (out["n"], out["n_bad"], out["auroc"]) == (3, 1, 0.5)
+    cut = ev.temptation_warning(schema, [ev.Sample(text, truncated=True, tag_steps=steps)], [ld])["x"]
+    assert (cut["n"], cut["auroc"]) == (2, 1.0)  # the cut final segment is not judged
+
+
+def test_redteam_prompts_take_prefixes_of_the_worst_documents():
+    schema = xschema()
+    rows = [{"text": "a\nb\nc\n", "segments": ["a\n", "b\n", "c\n"], "score__x": [0.0, 0.0, 0.0]},
+            {"text": "x\ny\nz\nw\nv\nu\n", "segments": ["x\n", "y\n", "z\n", "w\n", "v\n", "u\n"],
+             "score__x": [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]}]
+    assert ev.redteam_prompts(schema, rows, 1) == ["x\ny\n"]  # up to a third of the worst document
+    assert ev.redteam_prompts(schema, rows, 2) == ["x\ny\n", "a\n"]

@@ -1,0 +1,128 @@
+"""The experiment: configs parse, tables and logs are right, and a tiny config runs end to end."""
+
+import csv
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import yaml
+
+from pretag import experiment as ex
+from pretag.cli import main
+
+
+def test_every_shipped_config_parses_full_and_quick():
+    names = ex.shipped_experiments()
+    assert {"pep8", "toxicity", "sentiment", "multi", "tiny"} <= set(names)
+    for n in names:
+        full, quick = ex.load_config(n), ex.load_config(n, quick=True)
+        assert full.methods and set(full.methods) <= set(ex.METHODS)
+        assert quick.tokens <= full.tokens and quick.eval.samples <= full.eval.samples
+
+
+def test_config_problems_are_collected():
+    bad = {"name": "x", "data": {"schema": "pep8", "colour": 1}, "methods": ["mle", "ppo"], "tokens": -5,
+           "eval": {"samples": 0}, "finetune": {"pretrain_fraction": 1.5}, "typo": 1}
+    with pytest.raises(ValueError) as e:
+        ex.config_from_dict(bad)
+    msg = str(e.value)
+    for part in ("data.colour", "'ppo'", "tokens", "eval.samples", "pretrain_fraction", "'typo'", "source"):
+        assert part in msg
+    assert "7 problem(s)" in msg
+
+
+def test_quick_overlay_deep_merges():
+    d = {"name": "x", "data": {"source": "stdlib"}, "tokens": 1000, "eval": {"samples": 64, "max_new_tokens": 50},
+         "quick": {"tokens": 10, "eval": {"samples": 4}}}
+    q = ex.config_from_dict(d, quick=True)
+    assert (q.tokens, q.eval.samples, q.eval.max_new_tokens) == (10, 4, 50)
+    assert ex.config_from_dict(d).tokens == 1000
+
+
+def test_markdown_table_merges_intervals():
+    rows = [{"run": "mle", "s": 0.5, "s_lo": 0.25, "s_hi": 0.75, "kl": None}]
+    assert ex.markdown_table(rows) == "| run | s | kl |\n|---|---|---|\n| mle | 0.5 [0.25, 0.75] | – |\n"
+
+
+def test_tidy_training_log_is_pivoted(tmp_path):
+    p = tmp_path / "metrics.csv"
+    p.write_text("step,name,value\n1,loss,3.0\n1,lr,0.1\n2,loss,2.5\n4,eval_loss,2.7\n")
+    cols = ex.read_training_log(p)
+    assert cols["step"] == [1.0, 2.0, 4.0]
+    assert cols["loss"][:2] == [3.0, 2.5] and cols["eval_loss"][2] == 2.7
+    assert cols["lr"][0] == 0.1
+
+
+PEP8_BAD = "y = f( x )\nz=1\nw = [1,2]\n"  # E201/E202, E225, E231
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        good = "".join(f"value_{j} = {i} * {j}\n" for j in range(12))  # clean, so filter keeps these
+        (corpus / f"m{i}.py").write_text(good + (PEP8_BAD * (1 + i % 3) if i % 2 else ""))
+    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
+    d["data"] = {"source": str(corpus), "schema": "pep8"}
+    d["tokens"] = 512
+    d["train"]["vocab_size"] = 320
+    cfg = ex.config_from_dict(d)
+    return ex.run_experiment(cfg, root / "out"), root / "out"
+
+
+def test_tiny_experiment_writes_every_artifact(tiny_run):
+    res, out = tiny_run
+    for name in ("results.md", "results.csv", "results.json", "pareto.png", "curves.png", "temptation.png",
+                 "report.html"):
+        assert (out / name).stat().st_size > 0, name
+    runs = [r["run"] for r in res["rows"]]
+    assert runs == [*ex.METHODS, "mle→conditional"]
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == runs
+    md = (out / "results.md").read_text()
+    assert all(f"| {r} |" in md for r in runs)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert json.loads((out / "results.json").read_text())["summary"]["tokens_per_objective"] == 512
+
+
+def test_tiny_experiment_rows_are_consistent(tiny_run):
+    res, out = tiny_run
+    rows = {r["run"]: r for r in res["rows"]}
+    for r in rows.values():
+        assert r["tokens"] == 512  # one budget for all; the finetune comparison's two stages add up to it
+        assert 0 <= r["pep8.frac_bad_segments_lo"] <= r["pep8.frac_bad_segments"] <= r["pep8.frac_bad_segments_hi"] <= 1
+        assert r["loss"] > 0 and 0 < r["distinct_1"] <= 1
+    assert rows["mle"]["kl"] == 0.0  # the reference is the experiment's MLE model: KL to itself is 0
+    assert rows["conditional"]["pep8.selftag_auroc"] is None or 0 <= rows["conditional"]["pep8.selftag_auroc"] <= 1
+    assert rows["mle"]["pep8.temptation_auroc"] is None  # no tags learnt, no warning light
+    ev = json.loads((out / "models" / "conditional" / "experiment_eval.json").read_text())
+    assert ev["tagged"] and "self_tagging" in ev and "temptation" in ev and ev["redteam"]["n_prompts"] >= 1
+    info = json.loads((out / "models" / "finetune-conditional" / "experiment_run.json").read_text())
+    assert info["tokens"] == 256 and info["model"].endswith("finetune-mle-stage")
+
+
+def test_cli_reports_bad_config(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nmethods: [ppo]\n")
+    assert main(["experiment", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "ppo" in err and "source" in err
+
+
+def test_cli_eval_on_a_trained_model(tiny_run, capsys):
+    _, out = tiny_run
+    code = main(["eval", str(out / "models" / "conditional"), "--data", str(out / "data"), "--samples", "4",
+                 "--max-new-tokens", "8", "--heldout-docs", "2", "--redteam", "1", "--json"])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["settings"]["samples"] == 4 and res["misalignment"]["pep8"]["n_samples"] >= 1
+    assert main(["eval", str(out / "nope"), "--samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "not a directory" in err and "--samples" in err

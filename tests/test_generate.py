@@ -1,0 +1,191 @@
+"""Generation with a tiny model trained with tags (plain PyTorch, a few seconds): control, monitoring, streaming,
+beam search, alarms, tree search, the CLI."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pretag.generate import GenerateConfig, generate, render_terminal, replay, stream, tree_search  # noqa: E402
+from pretag.schema import load_schema  # noqa: E402
+
+GOOD = ["x = 1\n", "y = 2\n", "return a + b\n", "z = x * y\n"]
+BAD = ["x=1\n", "y =2\n", "return a+b\n", "z=x*y\n"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 1-layer GPT-2 (width 32) trained ~300 steps on tagged lines: <|good|> before PEP8-clean lines, <|bad|>
+    before the others, half of each; documents start after EOS."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pretag.tokens import encode_text, train_tokenizer
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    schema = load_schema("pep8")
+    tok = train_tokenizer(GOOD + BAD, schema, vocab_size=300, min_frequency=1)
+    g, b, eos = (tok.convert_tokens_to_ids(t) for t in ("<|good|>", "<|bad|>", tok.eos_token))
+    enc = {line: encode_text(tok, line) for line in GOOD + BAD}
+
+    def doc():
+        ids = [eos]
+        for _ in range(4):
+            bad = rng.random() < 0.5
+            ids += [b if bad else g] + enc[rng.choice(BAD if bad else GOOD)]
+        return ids + [eos]
+
+    data = [doc() for _ in range(512)]
+    T = max(len(d) for d in data)
+    x = torch.tensor([d + [eos] * (T - len(d)) for d in data])
+    torch.set_num_threads(1)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=eos, eos_token_id=eos))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        batch = x[torch.randint(0, len(x), (32,))]
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.generation_config.pad_token_id = eos
+    return model, tok, schema, loss.item()
+
+
+def tag_counts(result, tok):
+    g, b = tok.convert_tokens_to_ids("<|good|>"), tok.convert_tokens_to_ids("<|bad|>")
+    ids = [t.id for s in result.sequences for t in s.tokens]
+    return ids.count(g), ids.count(b)
+
+
+def test_model_learned(tiny):
+    assert tiny[3] < 1.0, "the tiny model did not learn the tagged data"
+
+
+def test_emits_tags_when_allowed_never_when_banned(tiny):
+    model, tok, schema, _ = tiny
+    cfg = GenerateConfig(n=16, max_new_tokens=20, seed=0)
+    free = generate(model, tok, schema, "", "force_at:none", cfg)
+    good, bad = tag_counts(free, tok)
+    assert good > 0 and bad > 0, (good, bad)
+    banned = generate(model, tok, schema, "", "force_at:none,ban:bad", cfg)
+    good, bad = tag_counts(banned, tok)
+    assert bad == 0 and good > 0
+    # the warning light: the ban zeroed <|bad|>, but the model's wish for it was measured
+    assert max(s.summary["<|bad|>"]["max"] for s in banned.sequences) > 0.2
+
+
+def test_default_policy_forces_good_at_every_line_start(tiny):
+    model, tok, schema, _ = tiny
+    res = generate(model, tok, schema, "", None, GenerateConfig(n=8, max_new_tokens=30, seed=1))
+    for s in res.sequences:
+        toks = s.tokens
+        assert toks and toks[0].text == "<|good|>" and toks[0].forced
+        for prev, cur in zip(toks, toks[1:]):
+            if prev.text.endswith("\n"):
+                assert cur.text == "<|good|>" and cur.forced
+            elif not prev.is_tag:
+                assert not cur.is_tag
+        assert "<|bad|>" in toks[0].banned
+
+
+def test_prompt_lines_get_tags_and_output_is_mostly_good(tiny):
+    model, tok, schema, _ = tiny
+    res = generate(model, tok, schema, "x = 1\n", "good", GenerateConfig(max_new_tokens=12))
+    s = res.sequences[0]
+    assert s.tokens[0].text == "<|good|>"  # the prompt ended a line: a tag is forced first
+    assert "\n" in s.text and s.text.split("\n")[0] in [g.strip() for g in GOOD]
+    assert set(s.summary) == {"<|good|>", "<|bad|>"}
+    assert "\x1b[" in render_terminal(s) and render_terminal(s, colour=False) == "".join(t.text for t in s.tokens)
+
+
+def test_streaming_yields_the_same_tokens_as_the_batch_call(tiny):
+    model, tok, schema, _ = tiny
+    cfg = GenerateConfig(max_new_tokens=15)
+    batch = generate(model, tok, schema, "y = 2\n", "force_at:none,ban:bad", cfg).sequences[0]
+    st = stream(model, tok, schema, "y = 2\n", "force_at:none,ban:bad", cfg)
+    got = list(st)
+    assert [t.id for t in got] == [t.id for t in batch.tokens]
+    assert [t.temptation for t in got] == [t.temptation for t in batch.tokens]
+    assert st.result is not None and st.result.sequences[0].text == batch.text
+
+
+def test_beam_search_records_follow_final_beams(tiny):
+    model, tok, schema, _ = tiny
+    res = generate(model, tok, schema, ["", "x = 1\n"], None, GenerateConfig(num_beams=3, n=2, max_new_tokens=10))
+    assert len(res.sequences) == 4
+    for s in res.sequences:
+        assert len(s.tokens) > 0
+        assert all(not t.is_tag or t.text == "<|good|>" for t in s.tokens)
+        assert all(set(t.temptation) == {"<|good|>", "<|bad|>"} for t in s.tokens)
+
+
+def test_replay_reproduces_live_records(tiny):
+    model, tok, schema, _ = tiny
+    from pretag.control import TagProcessor
+    from pretag.generate import prompt_ids
+
+    proc = TagProcessor(tok, schema, None)
+    ids = torch.tensor([prompt_ids(tok, schema, proc.policy, "x = 1\n")])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[proc], max_new_tokens=8,
+                         do_sample=False)
+    again = replay(model, tok, schema, None, out, ids.shape[1])
+    n = out.shape[1] - ids.shape[1]
+    assert torch.allclose(torch.stack(proc.temptations[:n], 1), torch.stack(again.temptations, 1), atol=1e-5)
+
+
+def test_alarm_stops_generation(tiny):
+    model, tok, schema, _ = tiny
+    cfg = GenerateConfig(max_new_tokens=40)
+    free = generate(model, tok, schema, "x = 1\n", "force_at:none,ban:bad", cfg).sequences[0]
+    stopped = generate(model, tok, schema, "x = 1\n", "force_at:none,ban:bad,alarm:bad>0.05=stop", cfg).sequences[0]
+    assert stopped.stopped_by_alarm and stopped.alarms and stopped.alarms[0].action == "stop"
+    k = stopped.alarms[0].step
+    assert len(stopped.tokens) == k + 1 < len(free.tokens)
+    assert stopped.tokens[k].temptation["<|bad|>"] > 0.05
+    assert all(t.temptation["<|bad|>"] <= 0.05 for t in stopped.tokens[:k])
+
+
+def test_tree_search_prunes_tempted_branches(tiny):
+    model, tok, schema, _ = tiny
+    res = tree_search(model, tok, schema, "", "force_at:none,ban:bad", GenerateConfig(n=4, max_new_tokens=16, seed=0),
+                      tau=0.3, chunk=4)
+    assert len(res.sequences) == 4
+    rounds = res.settings["tree"]["rounds"]
+    assert rounds and sum(r["pruned"] for r in rounds) > 0
+    peaks = [max(t.temptation["<|bad|>"] for t in s.tokens) for s in res.sequences]
+    assert peaks == sorted(peaks)
+
+
+def test_classifiers_run_on_output(tiny):
+    model, tok, schema, _ = tiny
+    res = generate(model, tok, schema, "x = 1\n", None, GenerateConfig(max_new_tokens=12, classify=True))
+    c = res.sequences[0].classifiers
+    assert c is not None
+    if "error" not in c:
+        assert "pep8" in c["bad_fraction"] and any(c["generated"])
+
+
+def test_cli_json_and_errors(tiny, tmp_path, capsys):
+    model, tok, schema, _ = tiny
+    from pretag.cli import main
+    from pretag.models import save_model_dir
+
+    d = save_model_dir(model, tok, schema, {"test": True}, tmp_path / "m")
+    rc = main(["generate", str(d), "--policy", "ban:bad,force_at:none,alarm:bad>0.2", "--prompt", "x = 1\\n",
+               "--max-new-tokens", "6", "--json", "--no-classify"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    seq = out["sequences"][0]
+    assert len(seq["ids"]) == len(seq["tokens"]) > 0 and "<|bad|>" in seq["tokens"][0]["temptation"]
+    assert "alarms" in seq and out["policy"]["ban"] == ["bad"]
+    rc = main(["generate", str(d), "--policy", "ban:nasty", "--prompt", "x"])
+    assert rc == 2 and "unknown tag 'nasty'" in capsys.readouterr().err
+    rc = main(["generate", str(d), "--prompt", "x", "--show-temptation", "--max-new-tokens", "4", "--no-classify"])
+    assert rc == 0 and "temptation" in capsys.readouterr().out

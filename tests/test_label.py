@@ -1,0 +1,213 @@
+"""Labeling: label_document, the Parquet format, label_corpus (sharding, resume after SIGKILL, processes, Ray)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from pretag.label import label_corpus, label_document, load_labeled, selected  # noqa: E402
+from pretag.schema import load_schema, schema_from_dict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KW_SCHEMA = {"name": "kw", "segmenter": "lines", "attributes": [
+    {"name": "rude", "scorer": {"type": "keywords", "words": ["damn", "heck"]}, "threshold": 0},
+    {"name": "long", "scorer": {"type": "regex", "patterns": [r"\w{8,}"]}, "bands": [1, 3]},
+]}
+
+
+def test_label_document_pep8_line_by_line():
+    doc = label_document("pep8", "import os,sys\nx = 1\n")
+    assert doc.segments == ["import os,sys\n", "x = 1\n"]
+    assert doc.scores["pep8"] == [pytest.approx(2 / 14), 0.0]  # E401 + E231 over 14 characters
+    assert doc.tags["pep8"] == ["bad", "good"]
+
+
+def test_label_document_several_attributes_and_document_level():
+    schema = schema_from_dict({"name": "t", "segmenter": "sentences", "attributes": [
+        {"name": "off", "level": "document", "scorer": {"type": "field", "field": "offensive"}, "threshold": 0.5},
+        *KW_SCHEMA["attributes"],
+    ]})
+    doc = label_document(schema, "Oh damn it. Extraordinarily complicated sentence here.", {"offensive": True})
+    assert doc.segments == ["Oh damn it. ", "Extraordinarily complicated sentence here."]
+    assert doc.scores["off"] == [1.0] and doc.tags["off"] == ["off:bad"]
+    assert doc.tags["rude"] == ["rude:bad", "rude:good"]
+    assert doc.scores["long"] == [0.0, 3.0] and doc.tags["long"] == ["long:0-1", "long:3+"]
+    pieces = schema.render_pieces(doc.segments, doc.tags)
+    assert "".join(p.text for p in pieces if p.tag is None) == doc.text  # tags are separate pieces, text intact
+
+
+def test_tag_lookalike_text_is_just_text():
+    doc = label_document("pep8", "x = '<|good|>'\n")
+    assert doc.tags["pep8"] == ["good"] and doc.segments == ["x = '<|good|>'\n"]
+
+
+def test_partial_labeling_is_deterministic_and_near_fraction():
+    picks = [selected("doc", i, 0.3) for i in range(4000)]
+    assert 0.27 < sum(picks) / len(picks) < 0.33
+    assert picks == [selected("doc", i, 0.3) for i in range(4000)]
+    schema = schema_from_dict({**KW_SCHEMA, "label_fraction": 0.5})
+    doc = label_document(schema, "".join(f"line {i} damn\n" for i in range(200)))
+    tagged = [t is not None for t in doc.tags["rude"]]
+    assert 60 < sum(tagged) < 140
+    assert tagged == [s is not None for s in doc.scores["rude"]]  # unscored = untagged
+    assert tagged == [t is not None for t in doc.tags["long"]]  # the same segments for every attribute
+
+
+def _write_corpus(d: Path, n: int = 6) -> Path:
+    d.mkdir()
+    for i in range(n):
+        (d / f"f{i}.txt").write_text(f"hello {i}\ndamn line {i}\nextraordinary words {i}\n")
+    (d / "empty.txt").write_text("")
+    (d / "bin.dat").write_bytes(b"\x00\x01\x02binary")
+    (d / "latin.txt").write_bytes("caf\xe9 damn\n".encode("latin-1"))
+    return d
+
+
+def _schema_file(tmp: Path, d: dict) -> Path:
+    p = tmp / "schema.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def test_label_corpus_round_trip_and_format(tmp_path):
+    src = _write_corpus(tmp_path / "c")
+    out = tmp_path / "out"
+    summary = label_corpus(str(src), _schema_file(tmp_path, KW_SCHEMA), out, shard_size=4, progress=False)
+    assert summary["documents"] == 6 and summary["segments"] == 18
+    assert summary["corpus"]["skipped"] == {"binary": 1, "empty": 1, "not_utf8": 1}
+    # "rude" is the schema's only binary attribute, so its tags are plain good/bad
+    assert summary["attributes"]["rude"]["tag_fraction"] == {"good": pytest.approx(2 / 3), "bad": pytest.approx(1 / 3)}
+    assert json.loads((out / "summary.json").read_text())["documents"] == 6
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    table = pq.read_table(out / "part-00000.parquet")
+    assert table.column_names == ["id", "source", "text", "segments", "fields", "score__rude", "tag__rude",
+                                  "score__long", "tag__long"]
+    assert str(table.schema.field("score__rude").type) == "list<element: double>"
+    schema, rows = load_labeled(out)
+    assert schema.name == "kw" and [r["id"] for r in rows] == [f"f{i}.txt" for i in range(6)]
+    for r in rows:
+        assert "".join(r["segments"]) == r["text"] == (src / r["id"]).read_text()
+        assert r["tag__rude"] == ["good", "bad", "good"] and r["fields"] == {}
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset("parquet", data_files=sorted(map(str, out.glob("part-*.parquet"))), split="train")
+    assert ds.num_rows == 6 and ds[0]["tag__rude"] == rows[0]["tag__rude"]
+
+
+def test_fallback_encoding_and_limit_and_exclude(tmp_path):
+    src = _write_corpus(tmp_path / "c")
+    s = label_corpus(str(src), _schema_file(tmp_path, KW_SCHEMA), tmp_path / "o", fallback_encoding="latin-1",
+                     exclude=["f1.*", "f2*"], limit=3, progress=False)
+    _, rows = load_labeled(tmp_path / "o")
+    assert [r["id"] for r in rows] == ["f0.txt", "f3.txt", "f4.txt"]
+    s = label_corpus(str(src), _schema_file(tmp_path, KW_SCHEMA), tmp_path / "o2", fallback_encoding="latin-1",
+                     progress=False)
+    assert s["corpus"]["decoded_with_fallback"] == 1 and s["documents"] == 7
+
+
+def test_restart_with_other_options_is_refused(tmp_path):
+    src = _write_corpus(tmp_path / "c")
+    schema = _schema_file(tmp_path, KW_SCHEMA)
+    label_corpus(str(src), schema, tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="holds a different run"):
+        label_corpus(str(src), schema, tmp_path / "o", shard_size=2, progress=False)
+    s = label_corpus(str(src), schema, tmp_path / "o", shard_size=2, overwrite=True, progress=False)
+    assert s["shards"]["total"] == 3
+
+
+def test_bad_scorer_options_are_all_reported_before_work(tmp_path):
+    bad = {"name": "b", "attributes": [
+        {"name": "a", "scorer": {"type": "regex", "patern": "x"}, "threshold": 0},
+        {"name": "b", "scorer": {"type": "nope"}, "threshold": 0},
+    ]}
+    with pytest.raises(ValueError) as e:
+        label_corpus("stdlib", schema_from_dict(bad), tmp_path / "o", progress=False)
+    msg = str(e.value)
+    assert "no option 'patern'" in msg and "needs option 'patterns'" in msg and "unknown scorer type 'nope'" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_num_proc_2_equals_1(tmp_path):
+    src = _write_corpus(tmp_path / "c")
+    schema = _schema_file(tmp_path, KW_SCHEMA)
+    label_corpus(str(src), schema, tmp_path / "a", shard_size=2, progress=False)
+    label_corpus(str(src), schema, tmp_path / "b", shard_size=2, num_proc=2, progress=False)
+    assert load_labeled(tmp_path / "a")[1] == load_labeled(tmp_path / "b")[1]
+
+
+SLOW_SCORER = '''
+import os, time
+def score(texts):
+    with open(os.environ["PRETAG_TEST_LOG"], "a") as f:
+        f.write("".join(t.strip() + "\\n" for t in texts))
+    time.sleep(0.25)
+    return [float("damn" in t) for t in texts]
+'''
+
+
+def _cmd(src, schema, out):
+    return [sys.executable, "-m", "pretag", "label", str(src), "--schema", str(schema), "--out", str(out),
+            "--shard-size", "1", "--no-progress"]
+
+
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+    src = _write_corpus(tmp_path / "c", n=10)
+    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW_SCORER))
+    schema = _schema_file(tmp_path, {"name": "slow", "segmenter": "lines", "attributes": [
+        {"name": "rude", "scorer": {"type": "python", "function": f"{tmp_path / 'slow.py'}:score"}, "threshold": 0},
+    ]})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(src, schema, out), env={**env, "PRETAG_TEST_LOG": str(tmp_path / "log1")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while len(list(out.glob("part-*.parquet"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(out.glob("part-*.parquet"))
+    assert 3 <= len(finished) < 10, "killed mid-run"
+    first_texts = {t.strip() for p in finished for t in pq.read_table(p).column("segments").to_pylist()[0]}
+    r = subprocess.run(_cmd(src, schema, out), env={**env, "PRETAG_TEST_LOG": str(tmp_path / "log2")},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rescored = set((tmp_path / "log2").read_text().split("\n")) & first_texts
+    assert rescored == set(), "finished shards were scored again"
+    subprocess.run(_cmd(src, schema, tmp_path / "ref"), env={**env, "PRETAG_TEST_LOG": str(tmp_path / "log3")},
+                   check=True, capture_output=True)
+    assert load_labeled(out)[1] == load_labeled(tmp_path / "ref")[1]
+    assert not list(out.glob(".*tmp*")), "no temporary files left behind"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards"]["resumed"] == len(finished) and summary["documents"] == 10
+
+
+@pytest.mark.slow
+def test_ray_engine_matches_local(tmp_path):
+    pytest.importorskip("ray")
+    src = _write_corpus(tmp_path / "c")
+    schema = _schema_file(tmp_path, KW_SCHEMA)
+    label_corpus(str(src), schema, tmp_path / "a", shard_size=2, progress=False)
+    s = label_corpus(str(src), schema, tmp_path / "b", shard_size=2, engine="ray", num_proc=2, progress=False)
+    import ray
+
+    ray.shutdown()
+    assert s["engine"] == "ray" and s["shards"]["written"] == 3
+    assert load_labeled(tmp_path / "a")[1] == load_labeled(tmp_path / "b")[1]
+
+
+def test_shipped_schemas_have_valid_scorers():
+    from pretag.label import schema_scorer_problems
+    from pretag.schema import shipped_schemas
+
+    for name in shipped_schemas():
+        assert schema_scorer_problems(load_schema(name)) == [], name

@@ -1,0 +1,288 @@
+"""The HTTP API: the policy floor, validation, generation with temptation, streaming, queueing, metrics, CLI.
+
+Every test runs against a real tiny model directory (untrained GPT-2, 1 layer, width 32) built in-test.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+import threading  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from pretag.control import TagPolicy, load_policy  # noqa: E402
+from pretag.schema import load_schema  # noqa: E402
+from pretag.serve.app import ServeConfig, background_server, create_app  # noqa: E402
+from pretag.serve.engine import Engine  # noqa: E402
+from pretag.serve.floor import PolicyFloorError, RequestPolicy, merge  # noqa: E402
+from pretag.serve.tiny import build_tiny_model_dir  # noqa: E402
+from pretag.serve.worker import Job, QueueFull, Worker  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"), "toxicity")
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    engine = Engine.from_dir(model_dir, policy="ban:bad,alarm:bad>0.5")
+    with TestClient(create_app(engine, ServeConfig(max_new_tokens=16, max_prompt_tokens=40))) as c:
+        yield c
+
+
+def sse(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+# ---- the policy floor ------------------------------------------------------------------------------------------
+SCHEMA = load_schema("multi")
+
+
+def test_floor_request_tightens_bans_and_alarms():
+    op = load_policy("ban:profane,alarm:profane>0.4=stop", SCHEMA)
+    got = merge(op, RequestPolicy(ban=["pii"], alarms={"profane": 0.1, "neg": 0.2}, stop_on_alarm=True), SCHEMA)
+    assert set(got.ban) == {"profane", "pii"}
+    labels = [r.label for r in got.rules]
+    assert "profane>0.4=stop" in labels  # the operator's rule is always kept
+    assert {(r.watch, r.above, r.action) for r in got.rules} >= {("profane", 0.1, "stop"), ("neg", 0.2, "stop")}
+    assert op.ban == ["profane"] and len(op.rules) == 1  # the operator's policy was not mutated
+
+
+def test_floor_rejects_every_attempt_to_lift_at_once():
+    op = load_policy("ban:profane,alarm:pii>0.3=stop,force:safe", SCHEMA)
+    req = RequestPolicy(allow=["profane"], bias={"profane": 5.0}, force=["offensive"], alarms={"pii": 0.9},
+                        stop_on_alarm=False)
+    with pytest.raises(PolicyFloorError) as e:
+        merge(op, req, SCHEMA)
+    msg = str(e.value)
+    assert "'profane' is banned by the operator's policy; a request may not allow it" in msg
+    assert "may not bias it" in msg
+    assert "forces 'safe'" in msg and "'offensive'" in msg
+    assert "fires above 0.3" in msg and "0.9" in msg
+    assert "stop_on_alarm" in msg
+    assert len(e.value.problems) == 5
+
+
+def test_floor_names_unknown_tags_and_bad_numbers():
+    with pytest.raises(PolicyFloorError) as e:
+        merge(TagPolicy(), RequestPolicy(ban=["nope"], alarms={"pii": 1.5}, bias={"neg": float("inf")}), SCHEMA)
+    msg = str(e.value)
+    assert "unknown tag 'nope'" in msg and "profane" in msg  # names the known tags
+    assert "[0, 1]" in msg and "finite" in msg
+
+
+def test_floor_request_bias_overrides_operator_bias_but_not_bans():
+    op = TagPolicy(ban=["profane"], bias={"neg": -2.0, "pii": -1.0})
+    got = merge(op, RequestPolicy(bias={"neg": 1.0}, ban=["pii"]), SCHEMA)
+    assert got.bias == {"neg": 1.0}  # pii is banned now, so its bias is gone
+    assert set(got.ban) == {"profane", "pii"}
+
+
+# ---- the API ---------------------------------------------------------------------------------------------------
+def test_health_policy_and_page(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["schema"] == "toxicity"
+    p = client.get("/v1/policy").json()
+    assert p["tags"] == ["good", "bad"] and p["operator"]["ban"] == ["bad"] and p["operator"]["alarms"] == {"bad": 0.5}
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="prompt"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_banned_tag_is_measured_but_never_generated(client, model_dir):
+    # After a sentence end the prefix schema forces a tag: with `bad` banned by the operator it must be `good`,
+    # while the model's wish for `bad` is still measured (temptation > 0).
+    r = client.post("/v1/completions", json={"prompt": "Hello. ", "max_new_tokens": 6, "seed": 0})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    first = out["tokens"][0]
+    assert first["tag"] == "good" and first["text"] == "<|good|>"
+    assert 0 < first["temptation"]["bad"] < 1
+    assert all(t["tag"] != "bad" for t in out["tokens"])
+    assert out["usage"]["completion_tokens"] == out["n_tokens"] == len(out["tokens"]) <= 6
+    # the request can tighten: ban `good` too -> every value banned while a tag must be forced: a clear 422
+    r = client.post("/v1/completions", json={"prompt": "", "policy": {"ban": ["good"]}})
+    assert r.status_code == 422 and "every value is banned" in r.json()["error"]
+
+
+def test_request_that_lifts_the_floor_gets_422_naming_it(client):
+    r = client.post("/v1/completions", json={"prompt": "hi", "policy": {"allow": ["bad"], "alarms": {"bad": 0.9}}})
+    assert r.status_code == 422
+    body = r.json()
+    assert "'bad' is banned by the operator's policy" in body["error"]
+    assert any("0.5" in p and "0.9" in p for p in body["problems"])
+
+
+def test_bad_requests_get_4xx_naming_every_problem(client):
+    r = client.post("/v1/completions", json={"prompt": "x", "colour": "red", "max_new_tokens": "many"})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert "colour: unknown field" in err and "max_new_tokens" in err
+    r = client.post("/v1/completions", json={"prompt": "word " * 60, "max_new_tokens": 99, "temperature": -1,
+                                             "top_p": 0})
+    probs = r.json()["problems"]
+    assert r.status_code == 422 and len(probs) == 4
+    assert any("max_new_tokens: must be between 1 and 16, got 99" in p for p in probs)
+    assert any(p.startswith("prompt:") and "tokens exceeds the limit of 40" in p for p in probs)
+    r = client.post("/v1/completions", json={"prompt": "y" * 9000})
+    assert r.status_code == 422 and "9000 characters exceeds the limit of 8000" in r.json()["error"]
+    assert client.post("/v1/completions", content=b"{not json").status_code == 422
+
+
+def test_alarm_fires_flags_and_stops(client):
+    # threshold 0: any positive temptation fires, at the first step, once (rules latch)
+    out = client.post("/v1/completions", json={"prompt": "Hello", "max_new_tokens": 5, "seed": 1,
+                                               "policy": {"alarms": {"good": 0.0}}}).json()
+    mine = [a for a in out["alarms"] if a["source"] == "request"]
+    assert len(mine) == 1 and mine[0]["tag"] == "good" and mine[0]["step"] == 0 and mine[0]["p"] > 0
+    assert out["tokens"][0]["alarms"] == mine and out["finish_reason"] in ("length", "stop")
+    quiet = client.post("/v1/completions", json={"prompt": "Hello", "max_new_tokens": 5,
+                                                 "policy": {"alarms": {"good": 0.49}}}).json()
+    assert [a for a in quiet["alarms"] if a["source"] == "request"] == []  # an untrained model is not tempted
+    stop = client.post("/v1/completions", json={"prompt": "Hello", "max_new_tokens": 8, "policy": {
+        "alarms": {"good": 0.0}, "stop_on_alarm": True}}).json()
+    assert stop["finish_reason"] == "alarm" and stop["n_tokens"] == 1
+
+
+def test_stream_sends_start_tokens_done_in_order(client):
+    with client.stream("POST", "/v1/completions", json={"prompt": "The quick", "max_new_tokens": 8, "seed": 3,
+                                                        "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r.read().decode())
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"token"}
+    tokens = [d for k, d in events if k == "token"]
+    done = events[-1][1]
+    assert [t["index"] for t in tokens] == list(range(done["n_tokens"]))
+    assert all(set(t["temptation"]) == {"good", "bad"} for t in tokens)
+    assert all(0 <= p <= 1 for t in tokens for p in t["temptation"].values())
+    assert events[0][1]["policy"]["ban"] == ["bad"]
+    text = "".join(t["text"] for t in tokens)
+    # the pieces add up to the rendered output (at most a held-back partial UTF-8 character is missing)
+    assert done["rendered"].startswith(text) and len(done["rendered"]) - len(text) <= 1
+
+
+def test_metrics_count_requests(client):
+    before = client.get("/metrics").json()
+    client.post("/v1/completions", json={"prompt": "a", "max_new_tokens": 2})
+    client.post("/v1/completions", json={"prompt": "a", "bogus": 1})
+    after = client.get("/metrics").json()
+    assert after["completed"] == before["completed"] + 1 and after["rejected"] == before["rejected"] + 1
+    assert after["latency_s"]["p50"] > 0 and after["tokens"] >= before["tokens"] + 1
+    prom = client.get("/metrics?format=prometheus").text
+    assert f"pretag_completed_total {after['completed']}" in prom
+
+
+# ---- concurrency -----------------------------------------------------------------------------------------------
+def test_concurrent_clients_all_answered_in_full(model_dir):
+    engine = Engine.from_dir(model_dir, policy="none")
+    with background_server(create_app(engine)) as url:
+        def one(i):
+            body = {"prompt": f"client {i}", "max_new_tokens": 6, "seed": i, "stream": i % 2 == 0}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            if body["stream"]:
+                ev = sse(r.text)
+                return r.status_code, ev[-1][0], ev[-1][1]["n_tokens"], sum(k == "token" for k, _ in ev)
+            j = r.json()
+            return r.status_code, "done", j["n_tokens"], len(j["tokens"])
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(12)))
+        assert all(s == 200 and last == "done" and n == k and n >= 1 for s, last, n, k in results), results
+        m = httpx.get(url + "/metrics").json()
+        assert m["completed"] == 12 and m["errors"] == 0
+
+
+class _Gated(Engine):
+    """The real engine, but each generation first waits for a gate (to hold the worker busy) or fails on demand."""
+
+    gate = threading.Event()
+    fail_next = False
+
+    def generate(self, *a, **kw):
+        assert self.gate.wait(30)
+        if _Gated.fail_next:
+            _Gated.fail_next = False
+            raise RuntimeError("boom")
+        return super().generate(*a, **kw)
+
+
+def test_full_queue_answers_503_and_a_failing_request_does_not_kill_the_worker(model_dir):
+    from pretag.models import load_model_dir
+
+    m, tok, schema = load_model_dir(model_dir)
+    engine = _Gated(m, tok, schema, TagPolicy(name="none"))
+    with background_server(create_app(engine, ServeConfig(max_queue=1))) as url:
+        body = {"prompt": "x", "max_new_tokens": 2}
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=30)
+            for _ in range(200):  # wait until the first request holds the worker
+                if httpx.get(url + "/health").json()["queue"]["busy"]:
+                    break
+                threading.Event().wait(0.01)
+            waiting = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=30)
+            for _ in range(200):
+                if httpx.get(url + "/health").json()["queue"]["waiting"] == 1:
+                    break
+                threading.Event().wait(0.01)
+            full = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            assert full.status_code == 503 and "queue is full" in full.json()["error"]
+            assert full.headers["retry-after"] == "1"
+            _Gated.fail_next = True
+            _Gated.gate.set()
+            first, second = running.result(), waiting.result()
+        assert first.status_code == 500 and "boom" in first.json()["error"]
+        assert second.status_code == 200 and second.json()["n_tokens"] >= 1
+        m = httpx.get(url + "/metrics").json()
+        assert m["queue_full"] == 1 and m["errors"] == 1 and m["completed"] == 1
+
+
+def test_worker_rejects_beyond_its_bound_and_runs_in_order():
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    seen, gate = [], threading.Event()
+    w = Worker(lambda job: (gate.wait(5), seen.append(job.payload)), max_queue=2)
+    try:
+        jobs = [Job(payload=i, loop=loop, events=asyncio.Queue()) for i in range(3)]
+        w.submit(jobs[0])
+        for _ in range(100):
+            if w.busy:
+                break
+            threading.Event().wait(0.01)
+        w.submit(jobs[1])
+        w.submit(jobs[2])
+        with pytest.raises(QueueFull):
+            w.submit(Job(payload=9, loop=loop, events=asyncio.Queue()))
+        gate.set()
+        for _ in range(500):
+            if len(seen) == 3:
+                break
+            threading.Event().wait(0.01)
+    finally:
+        w.close()
+        loop.close()
+    assert seen == [0, 1, 2]
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------
+def test_cli_help_and_bad_arguments(tmp_path, capsys):
+    from pretag.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--policy" in capsys.readouterr().out
+    assert main(["serve", str(tmp_path / "missing"), "--policy", str(tmp_path / "p.yaml"), "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "no such file" in err and "--port" in err

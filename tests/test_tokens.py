@@ -1,0 +1,219 @@
+"""Tokenizer training, tag-safe encoding (adversarial strings) and packing with aligned scores."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from pretag.schema import schema_from_dict  # noqa: E402
+from pretag.tokens import (  # noqa: E402
+    document_misaligned,
+    encode_text,
+    pack,
+    read_labeled,
+    segment_table,
+    tag_ids,
+    train_tokenizer,
+)
+
+TOY = {"name": "toy", "segmenter": "sentences", "attributes": [{"name": "tox", "scorer": "profanity",
+                                                                  "threshold": 0.5}]}
+SPAN = {"name": "toyspan", "segmenter": "sentences", "render": "span",
+        "attributes": [{"name": "tox", "scorer": "profanity", "threshold": 0.5}]}
+MULTI = {"name": "m", "segmenter": "sentences", "attributes": [
+    {"name": "off", "level": "document", "scorer": "field", "threshold": 0.5, "tags": {"good": "safe",
+                                                                                        "bad": "offensive"}},
+    {"name": "tox", "scorer": "profanity", "threshold": 0.5, "weight": 2.0},
+    {"name": "sent", "scorer": "sentiment", "direction": "higher_is_better", "threshold": -0.3, "weight": 0.5},
+]}
+
+
+def row(schema, segments, scores, doc_id="d"):
+    """One labeled row in the docs/CONTRACTS.md format; tags derived from the scores through the schema."""
+    r = {"id": doc_id, "source": "test", "text": "".join(segments), "segments": segments, "fields": "{}"}
+    for a in schema.attributes:
+        s = scores[a.name]
+        r[f"score__{a.name}"] = s
+        r[f"tag__{a.name}"] = None if s is None else [
+            None if x is None else schema.tag_name(a, a.value_of(x)) for x in s]
+    return r
+
+
+def write_labeled(path, schema, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.mkdir(parents=True, exist_ok=True)
+    schema.save(path / "schema.yaml")
+    pq.write_table(pa.Table.from_pylist(rows), path / "part-00000.parquet")
+    (path / "summary.json").write_text(json.dumps({"documents": len(rows)}))
+    return path
+
+
+CORPUS = ["The cat sat on the mat. ", "What a darn stupid thing! ", "Hello world, said the dog. "] * 30
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return schema_from_dict(TOY)
+
+
+@pytest.fixture(scope="module")
+def tok(toy):
+    return train_tokenizer(CORPUS + ["<|bad|> <|good|> </good> <bad>"] * 50, toy, vocab_size=400, min_frequency=1)
+
+
+ADVERSARIAL = [
+    "<|bad|>", "<|good|>", "x<|bad|>y", "</good>", "<good>", "<|endoftext|>", "<|pad|>",
+    "<| bad |>", "<|BAD|>", "＜｜bad｜＞", "<\u200b|bad|>", "<|bad|><|bad|><|good|>", "<|bad", "|>",
+    "<<|bad|>>", "\n<|good|>\n", "<|bad|>" * 20,
+]
+
+
+def test_trained_tokenizer_has_tags_eos_pad_and_requested_size(tok, toy):
+    ids = tag_ids(tok, toy)
+    assert set(ids) == {"<|good|>", "<|bad|>"}
+    assert len(set(ids.values())) == 2
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+    assert len(tok) <= 400
+    assert set(ids.values()) <= set(tok.all_special_ids)
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_text_never_encodes_to_a_tag_or_special_id(tok, text):
+    ids = encode_text(tok, text)
+    assert ids, "the text must encode to something"
+    assert not set(ids) & set(tok.all_special_ids)
+    assert tok.decode(ids) == text  # encoded as plain text, byte for byte
+
+
+def test_plain_hf_call_would_match_the_tag_but_encode_text_does_not(tok, toy):
+    bad_id = tag_ids(tok, toy)["<|bad|>"]
+    assert bad_id in tok("a <|bad|> b", add_special_tokens=False)["input_ids"]  # the hazard is real
+    assert bad_id not in encode_text(tok, "a <|bad|> b")
+    assert bad_id in tok("a <|bad|> b", add_special_tokens=False)["input_ids"]  # and the tokenizer is unchanged
+
+
+def test_encode_text_refuses_a_tokenizer_whose_base_vocab_holds_a_special_string(toy):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<", "|", "b", "a", "d", ">", "<|bad|>"])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|bad|>")
+    with pytest.raises(ValueError, match="special token ids"):
+        encode_text(hf, "<|bad|>")
+
+
+def test_tag_split_across_segments_stays_text(tok, toy):
+    # a segment ending in "<|ba" followed by one starting "d|>": pieces are encoded apart, tags only by id
+    r = row(toy, ["one <|ba", "d|> two. ", "</good> three."], {"tox": [0.9, 0.1, 0.0]})
+    b = pack(tok, toy, [r], 64, tags=True)
+    ids = b.input_ids[0][b.mask[0]]
+    tag_set = set(tag_ids(tok, toy).values())
+    assert int(np.isin(ids, list(tag_set)).sum()) == 3  # exactly one tag per segment, from the structure
+    assert b.is_tag[0][b.mask[0]].sum() == 3
+    text_ids = ids[~b.is_tag[0][b.mask[0]]]
+    assert tok.decode(text_ids[:-1]) == r["text"]  # the rest is the text (then EOS)
+
+
+def test_pack_aligns_scores_rewards_and_tags(tok, toy):
+    rows = [row(toy, ["Good one. ", "Bad darn one. "], {"tox": [0.1, 0.9]}, "a"),
+            row(toy, ["Only good."], {"tox": [0.0]}, "b")]
+    b = pack(tok, toy, rows, 16, tags=True)
+    ids, sc, rw, bad, tag, m = (x.reshape(-1) if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+                                for x in (b.input_ids, b.scores, b.reward, b.bad, b.is_tag, b.mask))
+    ids, sc, rw, bad, tag = ids[m], sc[m], rw[m], bad[m], tag[m]
+    good_id, bad_id = tag_ids(tok, toy)["<|good|>"], tag_ids(tok, toy)["<|bad|>"]
+    eos = tok.eos_token_id
+    # walk the stream and rebuild it from the rows: tag, segment text, ..., EOS
+    expect = []
+    for r in rows:
+        for seg, s in zip(r["segments"], r["score__tox"]):
+            t = good_id if s <= 0.5 else bad_id
+            expect.append((t, s, True))
+            expect += [(i, s, False) for i in encode_text(tok, seg)]
+        expect.append((eos, math.nan, False))
+    assert [e[0] for e in expect] == ids.tolist()
+    for (_i, s, is_t), got_s, got_r, got_b, got_t in zip(expect, sc[:, 0], rw, bad, tag):
+        assert got_t == is_t
+        if math.isnan(s):
+            assert math.isnan(got_s) and got_r == 0 and not got_b
+        else:
+            assert got_s == pytest.approx(s) and got_r == pytest.approx(-s) and got_b == (s > 0.5)
+    assert b.input_ids.shape[1] == 16 and (~b.mask).sum() == b.input_ids.size - len(ids)
+    assert (b.input_ids[~b.mask] == tok.pad_token_id).all()
+
+
+def test_no_tags_without_conditional_and_span_render_closes(tok):
+    span = schema_from_dict(SPAN)
+    t = train_tokenizer(CORPUS, span, vocab_size=400, min_frequency=1)
+    r = row(span, ["A. ", "B darn. ", "C darn."], {"tox": [0.0, 0.9, 0.8]})
+    plain = pack(t, span, [r], 32, tags=False)
+    assert not plain.is_tag.any()
+    spanned = pack(t, span, [r], 32, tags=True)
+    ids = spanned.input_ids[spanned.mask].tolist()
+    tid = tag_ids(t, span)
+    seq = [i for i in ids if i in tid.values()]
+    assert seq == [tid["<good>"], tid["</good>"], tid["<bad>"], tid["</bad>"]]
+
+
+def test_tag_dropout_leaves_a_fraction_untagged(tok, toy):
+    rows = [row(toy, [f"S{i} a. ", "b. "], {"tox": [0.1, 0.9]}, str(i)) for i in range(200)]
+    n_seg = 400
+    full = pack(tok, toy, rows, 64, tags=True).is_tag.sum()
+    dropped = pack(tok, toy, rows, 64, tags=True, tag_dropout=0.25, seed=1).is_tag.sum()
+    assert full == n_seg
+    assert 0.15 * n_seg < full - dropped < 0.35 * n_seg
+    assert pack(tok, toy, rows, 64, tags=True, tag_dropout=1.0).is_tag.sum() == 0
+
+
+def test_multi_attribute_reward_is_weighted_sum_and_document_level_broadcasts():
+    m = schema_from_dict(MULTI)
+    r = row(m, ["x. ", "y. "], {"off": [1.0], "tox": [0.2, 0.9], "sent": [0.5, -0.8]})
+    scores, reward, bad = segment_table(m, r)
+    # reward = -1*off + 2*(-tox) + 0.5*sent  (direction flips the sign of higher_is_better)
+    assert reward.tolist() == pytest.approx([-1 - 0.4 + 0.25, -1 - 1.8 - 0.4])
+    assert scores[:, 0].tolist() == [1.0, 1.0]
+    assert bad.tolist() == [True, True]  # the document is offensive
+    r2 = row(m, ["x. ", "y. "], {"off": [0.0], "tox": [0.2, 0.2], "sent": [0.5, -0.8]})
+    assert segment_table(m, r2)[2].tolist() == [False, True]  # sentence 2 is negative
+
+
+def test_threshold_zero_means_zero_not_unset(toy):
+    r = row(toy, ["a. ", "b. "], {"tox": [0.0, 0.01]})
+    assert segment_table(toy, r)[2].tolist() == [False, False]  # schema threshold 0.5
+    assert segment_table(toy, r, threshold=0)[2].tolist() == [False, True]  # 0 is a threshold
+    assert not document_misaligned(toy, r)
+    assert document_misaligned(toy, r, threshold=0)
+
+
+def test_unscored_segments_have_nan_scores_and_zero_reward(tok, toy):
+    r = row(toy, ["a. ", "b. "], {"tox": None})
+    scores, reward, bad = segment_table(toy, r)
+    assert np.isnan(scores).all() and (reward == 0).all() and not bad.any()
+    assert not pack(tok, toy, [r], 16, tags=True).is_tag.any()  # untagged (partial labeling)
+
+
+def test_read_labeled_round_trip(tmp_path, toy):
+    rows = [row(toy, ["a. ", "b. "], {"tox": [0.1, 0.9]}, "x")]
+    schema, got = read_labeled(write_labeled(tmp_path / "ds", toy, rows))
+    assert schema.name == "toy" and got[0]["segments"] == ["a. ", "b. "] and got[0]["fields"] == {}
+    with pytest.raises(FileNotFoundError):
+        read_labeled(tmp_path / "nope")
+
+
+def test_bad_inputs_raise_clear_errors(tok, toy):
+    with pytest.raises(ValueError, match="block_size"):
+        pack(tok, toy, [row(toy, ["a."], {"tox": [0.0]})], 1, tags=False)
+    with pytest.raises(ValueError, match="tag_dropout"):
+        pack(tok, toy, [row(toy, ["a."], {"tox": [0.0]})], 8, tags=True, tag_dropout=2)
+    with pytest.raises(ValueError, match="2 scores for 1 segments"):
+        pack(tok, toy, [row(toy, ["a."], {"tox": [0.0, 1.0]})], 8, tags=False)
