@@ -633,7 +633,9 @@ def reference_samples(reference: str | Path, n: int, *, max_new_tokens: int, tem
                                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else start)
             texts += [tok.decode(o[1:], skip_special_tokens=True) for o in out]
     texts = [t for t in texts if t]
-    lps = sequence_logprobs(model, tok, texts, batch_size=batch_size)
+    lps = (sequence_logprobs(model, tok, texts, batch_size=batch_size) if schema is None else
+           pretag_logprobs(model, tok, schema, texts, sampling_policy(schema, True) if uses_tags(reference) else None,
+                           batch_size=batch_size))
     res = [{"text": t, "logp_ref": lp} for t, lp in zip(texts, lps)]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -641,18 +643,21 @@ def reference_samples(reference: str | Path, n: int, *, max_new_tokens: int, tem
     return res
 
 
-def conditioned_logprobs(model, tokenizer, schema, policy, texts: Sequence[str], *, batch_size: int = 8
-                         ) -> list[float]:
-    """log p(text | the policy's start tags at every segment) for a tag-trained model: the distribution its
-    samples come from (the paper conditions the conditional model on <|good|> likewise). Text tokens only."""
+def pretag_logprobs(model, tokenizer, schema, texts: Sequence[str], policy=None, *, batch_size: int = 8
+                    ) -> list[float]:
+    """log p(text) under a pretag model, tokenized the way training tokenized (segment by segment).
+
+    With ``policy`` (a tag-trained model): log p(text | the policy's start tags at every segment), the distribution
+    its samples come from (the paper conditions the conditional model on <|good|> likewise). Text tokens only.
+    """
     from pretag.generate import start_tag
     from pretag.segment import segment
 
     docs = []
     for t in texts:
         segs = segment(t, schema.segmenter)
-        tags = {a.name: [start_tag(schema, policy, a)] * (1 if a.level == "document" else len(segs))
-                for a in schema.attributes}
+        tags = {a.name: [start_tag(schema, policy, a) if policy is not None else None]
+                * (1 if a.level == "document" else len(segs)) for a in schema.attributes}
         docs.append(render_doc(tokenizer, schema, segs, tags).chunks)
     return [s for s, _ in token_logprobs(model, docs, start_id=start_token_id(tokenizer), batch_size=batch_size)]
 
@@ -735,14 +740,15 @@ def evaluate_model(
         ref = reference_samples(reference, reference_samples_n, max_new_tokens=max_new_tokens,
                                 temperature=temperature, batch_size=batch_size, seed=seed, cache_dir=cache_dir)
         texts = [r["text"] for r in ref]
-        mine = (conditioned_logprobs(model, tok, schema, pol, texts, batch_size=batch_size) if tagged
-                else sequence_logprobs(model, tok, texts, batch_size=batch_size))
+        mine = pretag_logprobs(model, tok, schema, texts, pol if tagged else None, batch_size=batch_size)
         res["kl"] = {**kl_from_reference([r["logp_ref"] for r in ref], mine, **boot).to_dict(),
                      "reference": str(reference), "conditioned": tagged}
     if data is not None:
         held = heldout_rows(model_dir, data, heldout_docs)
         start = start_token_id(tok)
-        plain = [[(encode_plain(tok, r["text"]), True)] for r in held]
+        # untagged = the same per-segment tokenization training used, with no tag between segments
+        plain = [render_doc(tok, schema, list(r["segments"]), {a.name: [None] * len(r["segments"])
+                                                              for a in schema.attributes}).chunks for r in held]
         tagged_docs = [render_doc(tok, schema, list(r["segments"]), row_tags(schema, r)).chunks for r in held]
         res["loss"] = {"untagged": lm_loss(model, plain, start_id=start, batch_size=batch_size),
                        "tagged": lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size)}

@@ -158,7 +158,8 @@ def apply_lora(model, tokenizer, schema: Schema, r: int = 8, alpha: int = 16, dr
 
     ids = sorted(tag_ids(tokenizer, schema).values())
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                     task_type="CAUSAL_LM", trainable_token_indices=ids)
+                     task_type="CAUSAL_LM", trainable_token_indices=ids,
+                     fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores W transposed
     return get_peft_model(model, cfg)
 
 

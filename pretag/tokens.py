@@ -265,8 +265,10 @@ def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], 
         plan.append((d, -2, eos))
     encoded = iter(encode_texts(tokenizer, texts))
     n_attr = len(schema.attributes)
+    doc_cols = [j for j, a in enumerate(schema.attributes) if a.level == "document"]
     ids: list[int] = []
-    scores: list[np.ndarray] = []
+    lengths: list[int] = []  # one entry per piece; per-piece metadata is repeated over its tokens at the end
+    rows_sc: list[np.ndarray] = []
     reward: list[float] = []
     bad: list[bool] = []
     is_tag: list[bool] = []
@@ -277,19 +279,21 @@ def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], 
         if seg >= 0:
             srow, r, b = sc[seg], float(rw[seg]), bool(bd[seg])
         elif seg == -1 and len(sc):  # document-level tag: the document's attributes, no segment's
-            doc_cols = [j for j, a in enumerate(schema.attributes) if a.level == "document"]
             srow = nan_row.copy()
             srow[doc_cols] = sc[0, doc_cols]
             r, b = 0.0, False
         else:  # EOS
             srow, r, b = nan_row, 0.0, False
         ids.extend(piece)
-        scores.extend([srow] * len(piece))
-        reward.extend([r] * len(piece))
-        bad.extend([b] * len(piece))
-        is_tag.extend([tid != -1 and tid != eos] * len(piece))
-    return (np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32).reshape(-1, n_attr),
-            np.asarray(reward, dtype=np.float32), np.asarray(bad, dtype=bool), np.asarray(is_tag, dtype=bool))
+        lengths.append(len(piece))
+        rows_sc.append(srow)
+        reward.append(r)
+        bad.append(b)
+        is_tag.append(tid != -1 and tid != eos)
+    n = np.asarray(lengths, dtype=np.int64)
+    scores = np.repeat(np.asarray(rows_sc, dtype=np.float32).reshape(-1, n_attr), n, axis=0)
+    return (np.asarray(ids, dtype=np.int64), scores, np.repeat(np.asarray(reward, dtype=np.float32), n),
+            np.repeat(np.asarray(bad, dtype=bool), n), np.repeat(np.asarray(is_tag, dtype=bool), n))
 
 
 def pack(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], block_size: int, *, tags: bool,

@@ -1,0 +1,160 @@
+"""Training throughput of `pretag train` against a minimal hand-written PyTorch loop, and model FLOPs utilization.
+
+Both sides train the same HF model (same preset, vocabulary, seed), on the same packed blocks, with the same batch,
+block size, precision (bf16 autocast by default), AdamW, grad clipping and warm-up schedule, in one process. pretag
+runs before and after the hand loop and is averaged, so a change in the machine's load (other people's jobs)
+shows up as a gap between the two pretag runs. MFU = achieved training FLOP/s (6N + 12 L d T per token) divided by
+the measured bf16 matmul peak of this machine with the same number of threads.
+
+    python benchmarks/bench_train.py                      # tiny preset, 40 steps per run
+    python benchmarks/bench_train.py --model tiny-llama --steps 20 --precision fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+WORDS = ("the a cat dog model token tag good bad data train loss value reward segment python code line "
+         "import def return class if else for while print list dict with as from not and or").split()
+
+
+def make_dataset(path: Path, n_docs: int, seed: int = 0) -> Path:
+    """A synthetic labeled dataset in the CONTRACTS.md format (throughput does not depend on the words)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pretag.schema import load_schema
+
+    schema = load_schema("toxicity")
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_docs):
+        segs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))).capitalize() + ". "
+                for _ in range(rng.randint(3, 12))]
+        sc = [rng.random() for _ in segs]
+        rows.append({"id": f"d{i}", "source": "bench", "text": "".join(segs), "segments": segs, "fields": "{}",
+                     "score__toxicity": sc, "tag__toxicity": ["bad" if s > 0.5 else "good" for s in sc]})
+    path.mkdir(parents=True, exist_ok=True)
+    schema.save(path / "schema.yaml")
+    pq.write_table(pa.Table.from_pylist(rows), path / "part-00000.parquet")
+    return path
+
+
+def matmul_peak(dtype=torch.bfloat16, n: int = 2048, reps: int = 10) -> float:
+    """Best-of FLOP/s of an n x n matmul in ``dtype`` (the machine's practical peak for this precision)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def hand_loop(model, blocks, steps: int, batch_size: int, lr: float, precision: str, warm: int) -> float:
+    """The baseline: the plainest correct loop over the same model and batches. Returns tokens/s after warm-up."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = get_cosine_schedule_with_warmup(opt, int(0.05 * steps), steps)
+    ids = torch.from_numpy(blocks.input_ids)
+    g = torch.Generator().manual_seed(0)
+    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(steps * batch_size // len(ids) + 1)])
+    model.train()
+    t0 = None
+    for step in range(steps):
+        if step == warm:
+            t0 = time.perf_counter()
+        x = ids[order[step * batch_size:(step + 1) * batch_size]]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return (steps - warm) * batch_size * ids.shape[1] / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warm", type=int, default=10, help="steps excluded from timing on both sides")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--docs", type=int, default=1500)
+    a = ap.parse_args()
+
+    import transformers
+
+    from pretag import models
+    from pretag.tokens import pack, read_labeled
+    from pretag.train import resolve_config, train
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    data = make_dataset(tmp / "data", a.docs)
+    tokens = a.steps * a.batch_size * a.block_size
+    cfg = resolve_config("mle", tokens=tokens, sets={
+        "model": a.model, "block_size": a.block_size, "batch_size": a.batch_size, "precision": a.precision,
+        "logging_steps": 10, "eval_fraction": 0.0, "save_steps": 10**6, "vocab_size": 8192})
+
+    # pretag first builds its tokenizer and blocks; the hand loop reuses the very same ones
+    def run_pretag(out: Path) -> tuple[float, object]:
+        from transformers import AutoTokenizer
+
+        train(cfg, data, out)
+        hist = [h for h in _history(out) if h[0] > a.warm]  # each value covers the 10 steps before it
+        return statistics.mean(v for _, v in hist), AutoTokenizer.from_pretrained(out)
+
+    peak = matmul_peak(torch.bfloat16 if a.precision == "bf16" else torch.float32)
+    # pretag / hand / pretag: the first pretag run also builds the tokenizer the hand loop reuses
+    pre1, tok = run_pretag(tmp / "run1")
+    schema, rows = read_labeled(data)
+    blocks = pack(tok, schema, rows, a.block_size, tags=False)
+
+    def fresh():
+        return models.build_model(a.model, len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)
+
+    hand = hand_loop(fresh(), blocks, a.steps, a.batch_size, 1e-3, a.precision, a.warm)
+    pre2, _ = run_pretag(tmp / "run2")
+    tps_pretag = (pre1 + pre2) / 2
+    model = fresh()
+    fpt = models.train_flops_per_token(model, a.block_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {a.model}: {n_params / 1e6:.2f}M params, vocab {len(tok)}, batch {a.batch_size} x {a.block_size}, "
+          f"{a.precision}, {torch.get_num_threads()} threads, {a.steps} steps ({a.warm} untimed)")
+    print(f"pretag train (Trainer) : {pre1:8.0f} / {pre2:8.0f} tokens/s (before / after), mean {tps_pretag:.0f}")
+    print(f"hand-written loop      : {hand:8.0f} tokens/s")
+    print(f"ratio pretag / hand    : {tps_pretag / hand:.3f}   (target >= 0.95)")
+    print(f"{a.precision} matmul peak     : {peak / 1e9:8.1f} GFLOP/s (2048^3, best of 10)")
+    print(f"train FLOPs/token      : {fpt / 1e6:.2f} MFLOP (6N + 12 L d T, N = {models.matmul_params(model) / 1e6:.2f}M)")
+    print(f"MFU pretag / hand      : {100 * tps_pretag * fpt / peak:.1f}% / {100 * hand * fpt / peak:.1f}%")
+
+
+def _history(out: Path) -> list[tuple[int, float]]:
+    import csv
+
+    with (out / "metrics.csv").open() as f:
+        return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["name"] == "tokens_per_s"]
+
+
+if __name__ == "__main__":
+    main()
