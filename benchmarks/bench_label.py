@@ -3,6 +3,7 @@
     python benchmarks/bench_label.py               # both parts
     python benchmarks/bench_label.py --part pep8   # PEP8 on the stdlib: pretag label (1 and 2 procs) vs pycodestyle
     python benchmarks/bench_label.py --part fortunes --limit 5000
+    python benchmarks/bench_label.py --part codecs # share of PEP8-bad lines in encodings/ (not a timing)
 
 PEP8: lines/s of ``label_corpus("stdlib", "pep8")`` (reading, segmenting, scoring, Parquet, summary) against
 ``pycodestyle.Checker(path).check_all()`` on the same files in one process. Fortunes: segments/s of labeling
@@ -96,9 +97,24 @@ def bench_fortunes(limit: int | None) -> dict:
     return res
 
 
+def bench_codecs() -> dict:
+    """Where the stdlib's PEP8-bad lines are: encodings/ codec tables vs the default stdlib corpus."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    with tempfile.TemporaryDirectory() as tmp:
+        enc = label_corpus(f"python:{root / 'encodings'}", "pep8", Path(tmp) / "enc", num_proc=2, progress=False)
+        rest = label_corpus("stdlib", "pep8", Path(tmp) / "rest", num_proc=2, progress=False)
+    bad = {k: s["segments"] * s["attributes"]["pep8"]["tag_fraction"]["bad"] for k, s in
+           (("encodings", enc), ("stdlib_default", rest))}
+    return {"encodings_lines": enc["segments"], "encodings_bad_fraction": bad["encodings"] / enc["segments"],
+            "default_lines": rest["segments"], "default_bad_fraction": bad["stdlib_default"] / rest["segments"],
+            "encodings_share_of_bad_lines": bad["encodings"] / (bad["encodings"] + bad["stdlib_default"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("pep8", "fortunes", "all"), default="all")
+    ap.add_argument("--part", choices=("pep8", "fortunes", "codecs", "all"), default="all")
     ap.add_argument("--limit", type=int, default=None, help="first N documents only")
     args = ap.parse_args()
     out = {"cpus": os.cpu_count()}
@@ -108,6 +124,8 @@ def main() -> None:
     if args.part in ("fortunes", "all"):
         out["fortunes_profanity_pii_sentiment"] = bench_fortunes(args.limit)
         print(json.dumps(out["fortunes_profanity_pii_sentiment"], indent=2), flush=True)
+    if args.part == "codecs":
+        print(json.dumps(bench_codecs(), indent=2))
 
 
 if __name__ == "__main__":
