@@ -30,6 +30,28 @@ from pretag.schema import schema_from_dict  # noqa: E402
 from pretag.segment import segment  # noqa: E402
 
 
+def _spin(_: int = 0) -> float:
+    t = time.perf_counter()
+    x = 0
+    for i in range(10_000_000):
+        x += i
+    return time.perf_counter() - t
+
+
+def parallel_capacity() -> float:
+    """How much faster two CPU-bound processes finish than one after the other on this machine *right now*:
+    ~2.0 on two idle cores, ~1.0 when other jobs leave one core free. Read the --num-proc 2 speed-up against it."""
+    import multiprocessing as mp
+
+    one = _spin()
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_spin, [0, 0])  # warm the workers
+        t = time.perf_counter()
+        pool.map(_spin, [0, 0])
+        both = time.perf_counter() - t
+    return 2 * one / both
+
+
 def bench_pep8(limit: int | None) -> dict:
     import pycodestyle
 
@@ -52,6 +74,7 @@ def bench_pep8(limit: int | None) -> dict:
             res[f"bad_fraction_np{n}"] = s["attributes"]["pep8"]["tag_fraction"]["bad"]
     res["ratio_np1_vs_direct"] = res["pretag_np1_lines_per_s"] / res["direct_lines_per_s"]
     res["speedup_np2_vs_np1"] = res["pretag_np1_s"] / res["pretag_np2_s"]
+    res["machine_2proc_capacity"] = parallel_capacity()
     return res
 
 
@@ -117,7 +140,8 @@ def main() -> None:
     ap.add_argument("--part", choices=("pep8", "fortunes", "codecs", "all"), default="all")
     ap.add_argument("--limit", type=int, default=None, help="first N documents only")
     args = ap.parse_args()
-    out = {"cpus": os.cpu_count()}
+    out = {"cpus": os.cpu_count(), "machine_2proc_capacity": parallel_capacity()}
+    print(json.dumps(out), flush=True)
     if args.part in ("pep8", "all"):
         out["pep8_stdlib"] = bench_pep8(args.limit)
         print(json.dumps(out["pep8_stdlib"], indent=2), flush=True)
