@@ -278,14 +278,6 @@ def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None)
     schema, rows = read_labeled(data)
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction)
     stats: dict[str, Any] = {"documents": len(rows), "eval_documents": len(eval_rows)}
-    if cfg.method in FILTERS_DATA:
-        kept = [r for r in train_rows if not document_misaligned(schema, r, cfg.threshold)]
-        stats["filtered_out"] = len(train_rows) - len(kept)
-        logger.info("filter: dropped %d of %d training documents as misaligned", stats["filtered_out"],
-                    len(train_rows))
-        if not kept:
-            raise ValueError("filter: every training document is misaligned at this threshold; nothing to train on")
-        train_rows = kept
     fresh = cfg.model in models.PRESETS
     if resume_from is not None and (resume_from / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(resume_from)  # the very tokenizer the checkpoint was trained with
@@ -309,6 +301,16 @@ def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None)
             model, _ = models.load_pretrained(cfg.model)
         models.add_tags_to_model(model, tokenizer, schema)
     tags = cfg.method in USES_TAGS
+    # Filtering drops documents only after the tokenizer is trained on all of them, so every objective of an
+    # experiment shares one vocabulary (and KL / loss comparisons are not confounded by the tokenizer).
+    if cfg.method in FILTERS_DATA:
+        kept = [r for r in train_rows if not document_misaligned(schema, r, cfg.threshold)]
+        stats["filtered_out"] = len(train_rows) - len(kept)
+        logger.info("filter: dropped %d of %d training documents as misaligned", stats["filtered_out"],
+                    len(train_rows))
+        if not kept:
+            raise ValueError("filter: every training document is misaligned at this threshold; nothing to train on")
+        train_rows = kept
     train_blocks = pack(tokenizer, schema, train_rows, cfg.block_size, tags=tags, tag_dropout=cfg.tag_dropout,
                         threshold=cfg.threshold, seed=cfg.seed)
     eval_blocks: Blocks | None = None
