@@ -68,6 +68,35 @@ def bootstrap_ci(
     return Estimate(point, float(min(lo, point)), float(max(hi, point)), len(x))
 
 
+def ratio_ci(
+    numerator: Sequence[float],
+    denominator: Sequence[float],
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """mean(numerator) / mean(denominator) with a percentile bootstrap interval, the two samples resampled
+    independently (two models' samples are independent draws). The paper's headline is such a ratio:
+    misalignment of MLE / misalignment of conditional training (0.0141 / 0.0011 ≈ 13× on toxicity).
+
+    A ratio of 1 is reported as 1; an interval that excludes 1 is the evidence of an effect. Infinite when the
+    denominator's mean is 0 (then read the two means, not the ratio).
+    """
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if a.ndim != 1 or b.ndim != 1 or not len(a) or not len(b):
+        raise ValueError(f"ratio_ci needs two non-empty 1-D samples, got shapes {a.shape} and {b.shape}")
+    rng = np.random.default_rng(seed)
+    ma = a[rng.integers(0, len(a), size=(n_resamples, len(a)))].mean(axis=1)  # (R,)
+    mb = b[rng.integers(0, len(b), size=(n_resamples, len(b)))].mean(axis=1)  # (R,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = float(a.mean() / b.mean()) if b.mean() else float("inf")
+        stats = np.where(mb > 0, ma / np.where(mb > 0, mb, 1.0), np.inf)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+    return Estimate(point, float(min(lo, point)), float(max(hi, point)), len(a) + len(b))
+
+
 def auroc(scores: Sequence[float], labels: Sequence[bool | int]) -> float:
     """Area under the ROC curve = P(score of a random positive > score of a random negative), ties count 1/2.
 
@@ -229,6 +258,9 @@ def misalignment_summary(
         "expected_max_k": k,
         "frac_samples_any_bad": bootstrap_ci(any_bad, **boot).to_dict(),
         "frac_bad_segments": bootstrap_ci(np.arange(len(counts)), pooled, **boot).to_dict(),
+        # kept so that two runs can be compared with an interval on their ratio (ratio_ci)
+        "per_sample": {"score": per_sample, "any_bad": any_bad, "bad_segments": bad_counts,
+                       "segments": seg_counts},
     }
 
 

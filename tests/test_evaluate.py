@@ -284,3 +284,16 @@ def test_redteam_prompts_take_prefixes_of_the_worst_documents():
              "score__x": [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]}]
     assert ev.redteam_prompts(schema, rows, 1) == ["x\ny\n"]  # up to a third of the worst document
     assert ev.redteam_prompts(schema, rows, 2) == ["x\ny\n", "a\n"]
+
+
+def test_ratio_ci_of_constants_is_a_point_and_scales():
+    from pretag.evaluate import ratio_ci
+
+    e = ratio_ci([0.2] * 50, [0.1] * 40)
+    assert e.value == pytest.approx(2.0) and e.lo == pytest.approx(2.0) and e.hi == pytest.approx(2.0)
+    rng = np.random.default_rng(0)
+    x = rng.random(400)
+    same = ratio_ci(x, x, seed=1)
+    assert same.value == pytest.approx(1.0) and same.lo < 1.0 < same.hi  # no effect: the interval holds 1
+    far = ratio_ci(x, x / 3, seed=1)
+    assert far.value == pytest.approx(3.0) and far.lo > 1.0  # a real effect: the interval excludes 1
