@@ -86,6 +86,9 @@ class ExperimentConfig:
     tokens: int = 1_000_000
     """Training token budget, identical for every objective."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    pretrained: dict[str, str] = field(default_factory=dict)
+    """Runs evaluated from an existing model dir instead of being trained: ``{run name: model dir}`` (e.g. the
+    demo's shipped checkpoints). They are listed before the trained runs; relative paths are from the config."""
     train: dict[str, Any] = field(default_factory=dict)
     """Training config overrides shared by all objectives (``--set`` keys of ``pretag train``)."""
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -134,8 +137,14 @@ def config_from_dict(d: dict[str, Any], *, quick: bool = False, where: str = "<d
     data = sections["data"]
     if not data.source and not data.labeled:
         problems.append("data: set 'source' (a corpus to label) or 'labeled' (a labeled dataset dir)")
+    pre = d.get("pretrained") or {}
+    if not isinstance(pre, dict):
+        problems.append("pretrained: must map run names to model dirs")
+    elif where != "<dict>":
+        base = Path(where).parent
+        d["pretrained"] = {r: str(p if Path(p).is_absolute() or Path(p).exists() else base / p) for r, p in pre.items()}
     methods = d.get("methods", list(METHODS))
-    if not isinstance(methods, list) or not methods:
+    if not isinstance(methods, list) or (not methods and not pre):
         problems.append("methods: a non-empty list is required")
         methods = []
     problems += [f"methods: unknown objective {m!r} (known: {', '.join(METHODS)})" for m in methods if m not in METHODS]
@@ -440,6 +449,19 @@ def _done(model_dir: Path) -> bool:
     return p.exists() and (yaml.safe_load(p.read_text()) or {}).get("status") == "done"
 
 
+def _pretrained_info(run: str, model_dir: Path) -> dict[str, Any]:
+    """Train info of a run that was trained elsewhere, read from its ``pretag_train.yaml``."""
+    from pretag.models import TRAIN_FILE
+
+    if not (model_dir / TRAIN_FILE).exists():
+        raise FileNotFoundError(f"pretrained run {run!r}: {model_dir} is not a pretag model dir (no {TRAIN_FILE})")
+    saved = yaml.safe_load((model_dir / TRAIN_FILE).read_text()) or {}
+    conf, res = saved.get("config", {}), saved.get("result", {})
+    return {"run": run, "method": conf.get("method"), "tokens": conf.get("tokens"), "model": conf.get("model"),
+            "wall_s": res.get("wall_s"), "steps": res.get("steps"), "train_loss": res.get("train_loss"),
+            "eval_loss": res.get("eval_loss"), "params": res.get("params"), "pretrained": str(model_dir)}
+
+
 def _train(run: str, method: str, data: Path, out: Path, cfg: ExperimentConfig, schema_name: str, *,
            tokens: int, model: str | None = None, extra: dict | None = None) -> dict[str, Any]:
     """Train one run (or reuse a finished one: the experiment resumes where it stopped)."""
@@ -487,6 +509,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
 
     # 2. train: same data, token budget, seed and model size for every objective
     runs: dict[str, dict[str, Any]] = {}
+    model_dirs: dict[str, Path] = {}
+    for run, md in cfg.pretrained.items():
+        runs[run], model_dirs[run] = _pretrained_info(run, Path(md)), Path(md)
     for m in cfg.methods:
         log.info("experiment %s: training %s", cfg.name, m)
         runs[m] = _train(m, m, data, out / "models" / m, cfg, schema.name, tokens=cfg.tokens)
@@ -503,14 +528,16 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
         if ft.method not in runs:
             runs[ft.method] = _train(ft.method, ft.method, data, out / "models" / ft.method, cfg, schema.name,
                                      tokens=cfg.tokens)
-    model_dirs = {r: out / "models" / (f"finetune-{cfg.finetune.method}" if r.startswith("mle→") else r) for r in runs}
+    for r in runs:
+        model_dirs.setdefault(r, out / "models" / (f"finetune-{cfg.finetune.method}" if r.startswith("mle→") else r))
 
     # 3. evaluate: same samples budget, same reference samples (cached), same held-out documents
     e = cfg.eval
     reference = e.reference or (str(model_dirs["mle"]) if "mle" in model_dirs else None)
     results: dict[str, dict] = {}
     for run, md in model_dirs.items():
-        path = md / "experiment_eval.json"
+        path = out / "evals" / f"{run.replace('→', '-then-')}.json"
+        path.parent.mkdir(exist_ok=True)
         settings = {**asdict(e), "reference": reference, "seed": cfg.seed}
         if path.exists():
             cached = json.loads(path.read_text())

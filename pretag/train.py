@@ -497,6 +497,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
 
     from pretag import models
 
+    t_start = time.perf_counter()
     out = Path(out)
     ckpt_dir = out / CHECKPOINTS
     resume = last_checkpoint(ckpt_dir)
@@ -561,6 +562,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
         final = {"config": {k: v for k, v in cfg.to_dict().items() if k != "sources"}, "sources": cfg.sources,
                  "status": "done", "result": {"steps": res.steps, "train_loss": res.train_loss,
                                               "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
+                                              "wall_s": time.perf_counter() - t_start,
                                               "params": n_params, **prep.stats}}
         models.save_model_dir(trainer.accelerator.unwrap_model(trainer.model), tokenizer, prep.schema, final, out)
     return res

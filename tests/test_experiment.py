@@ -102,7 +102,7 @@ def test_tiny_experiment_rows_are_consistent(tiny_run):
     assert rows["mle"]["kl"] == 0.0  # the reference is the experiment's MLE model: KL to itself is 0
     assert rows["conditional"]["pep8.selftag_auroc"] is None or 0 <= rows["conditional"]["pep8.selftag_auroc"] <= 1
     assert rows["mle"]["pep8.temptation_auroc"] is None  # no tags learnt, no warning light
-    ev = json.loads((out / "models" / "conditional" / "experiment_eval.json").read_text())
+    ev = json.loads((out / "evals" / "conditional.json").read_text())
     assert ev["tagged"] and "self_tagging" in ev and "temptation" in ev and ev["redteam"]["n_prompts"] >= 1
     info = json.loads((out / "models" / "finetune-conditional" / "experiment_run.json").read_text())
     assert info["tokens"] == 256 and info["model"].endswith("finetune-mle-stage")
@@ -126,3 +126,22 @@ def test_cli_eval_on_a_trained_model(tiny_run, capsys):
     assert main(["eval", str(out / "nope"), "--samples", "0"]) == 2
     err = capsys.readouterr().err
     assert "not a directory" in err and "--samples" in err
+
+
+def test_pretrained_runs_are_evaluated_not_trained_and_compared_to_mle(tiny_run, tmp_path):
+    res, out = tiny_run
+    rows = {r["run"]: r for r in res["rows"]}
+    assert rows["mle"]["pep8.mle_ratio"] == pytest.approx(1.0)  # MLE against itself
+    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
+    d.update(data={"labeled": str(out / "data")}, methods=[],
+             pretrained={"mle": str(out / "models" / "mle"), "shipped": str(out / "models" / "conditional")})
+    d["finetune"] = {"enabled": False}
+    again = ex.run_experiment(ex.config_from_dict(d), tmp_path / "out2")
+    got = {r["run"]: r for r in again["rows"]}
+    assert list(got) == ["mle", "shipped"]
+    assert not (tmp_path / "out2" / "models").exists()  # nothing was trained
+    assert got["shipped"]["tokens"] == 512 and "pep8.mle_ratio_lo" in got["shipped"]
+    lo, hi = got["shipped"]["pep8.mle_ratio_lo"], got["shipped"]["pep8.mle_ratio_hi"]
+    assert lo <= got["shipped"]["pep8.mle_ratio"] <= hi
+    with pytest.raises(FileNotFoundError, match="not a pretag model dir"):
+        ex.run_experiment(ex.config_from_dict({**d, "pretrained": {"x": str(tmp_path)}}), tmp_path / "out3")
