@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": "pretag.commands.eval",
     "experiment": "pretag.commands.experiment",
     "serve": "pretag.commands.serve",
+    "demo": "pretag.commands.demo",
 }
 
 

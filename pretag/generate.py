@@ -488,3 +488,23 @@ def render_terminal(seq: SequenceResult, colour: bool = True) -> str:
         else:
             parts.append(f"{_colour(t.max_banned_temptation)}{t.text}\x1b[0m")
     return "".join(parts)
+
+
+def format_trace(seq: SequenceResult, colour: bool = True) -> str:
+    """The terminal view of one monitored generation: coloured tokens, per-tag temptation summary, alarms and the
+    output classifiers' verdict (``pretag generate --show-temptation`` and the demo)."""
+    lines = [seq.prompt + render_terminal(seq, colour=colour)]
+    if seq.summary:
+        thresholds = ", ".join(next(iter(seq.summary.values()))["first_above"])
+        lines.append(f"temptation (max / mean / first step above {thresholds}):")
+        for tag, s in seq.summary.items():
+            firsts = ", ".join(str(v) for v in s["first_above"].values())
+            lines.append(f"  {tag:>16}  {s['max']:.3f} / {s['mean']:.3f}  first above: {firsts}")
+    lines += [f"  ALARM {a.rule} ({a.action}) at token {a.step} {a.token!r}" for a in seq.alarms]
+    if seq.classifiers:
+        if "error" in seq.classifiers:
+            lines.append(f"  output classifiers: {seq.classifiers['error']}")
+        else:
+            lines.append("  output classifiers, bad fraction of generated segments: " + ", ".join(
+                f"{k}={'-' if v is None else f'{v:.2f}'}" for k, v in seq.classifiers["bad_fraction"].items()))
+    return "\n".join(lines)

@@ -145,3 +145,24 @@ def test_pretrained_runs_are_evaluated_not_trained_and_compared_to_mle(tiny_run,
     assert lo <= got["shipped"]["pep8.mle_ratio"] <= hi
     with pytest.raises(FileNotFoundError, match="not a pretag model dir"):
         ex.run_experiment(ex.config_from_dict({**d, "pretrained": {"x": str(tmp_path)}}), tmp_path / "out3")
+
+
+def test_demo_on_shipped_style_checkpoints(tiny_run, tmp_path, capsys):
+    import shutil
+
+    _, out = tiny_run
+    ck = tmp_path / "checkpoints"
+    for run in ("mle", "conditional"):
+        shutil.copytree(out / "models" / run, ck / run, ignore=shutil.ignore_patterns("checkpoints"))
+    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
+    d["data"] = {"labeled": str(out / "data")}
+    (ck / "demo.yaml").write_text(yaml.safe_dump(d))
+    assert main(["demo", "--checkpoints", str(ck), "--samples", "6", "--max-new-tokens", "12",
+                 "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "| mle |" in text and "| conditional |" in text and "MLE ÷ conditional misalignment" in text
+    assert "temptation (max / mean" in text  # the traced controlled generation
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 0
+    assert not (tmp_path / "demo" / "models").exists()  # evaluated, never retrained
+    assert main(["demo", "--checkpoints", str(tmp_path)]) == 2
+    assert "no demo.yaml" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def run(args) -> int:
 
     if not Path(args.model).is_dir():
         raise UserError(f"model directory {args.model!r} does not exist")
-    from pretag.generate import GenerateConfig, generate, render_terminal, tree_search
+    from pretag.generate import GenerateConfig, format_trace, generate, tree_search
     from pretag.models import load_model_dir
 
     try:
@@ -86,21 +86,7 @@ def run(args) -> int:
         if len(result.sequences) > 1:
             print(f"--- sequence {i}")
         if args.show_temptation:
-            print(seq.prompt + render_terminal(seq, colour=colour))
-            print("temptation (max / mean / first step above " + ", ".join(
-                next(iter(seq.summary.values()))["first_above"]) + "):")
-            for tag, s in seq.summary.items():
-                firsts = ", ".join(str(v) for v in s["first_above"].values())
-                print(f"  {tag:>16}  {s['max']:.3f} / {s['mean']:.3f}  first above: {firsts}")
-            for a in seq.alarms:
-                print(f"  ALARM {a.rule} ({a.action}) at token {a.step} {a.token!r}")
-            if seq.classifiers:
-                if "error" in seq.classifiers:
-                    print(f"  output classifiers: {seq.classifiers['error']}")
-                else:
-                    print("  output classifiers, bad fraction of generated segments: "
-                          + ", ".join(f"{k}={'-' if v is None else f'{v:.2f}'}"
-                                      for k, v in seq.classifiers["bad_fraction"].items()))
+            print(format_trace(seq, colour=colour))
         else:
             print(seq.prompt + seq.text)
     return 0

@@ -1,0 +1,64 @@
+"""The demo: conditional training with its tag policy against MLE, on the checkpoints shipped in demo/checkpoints.
+
+It samples both models afresh, scores the samples with the task's classifier, prints the results table with
+bootstrap intervals and the ratio MLE ÷ conditional, shows one controlled generation coloured by temptation, and
+writes the HTML report. A few minutes on 2 CPU cores. `pretag experiment` retrains such models from scratch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "conditional+policy vs MLE on shipped checkpoints: table with intervals, temptation trace, HTML report"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="runs/demo", help="output directory (report, tables, plots)")
+    p.add_argument("--checkpoints", default=None, help="directory with mle/, conditional/ and demo.yaml "
+                   "(default: the repository's demo/checkpoints)")
+    p.add_argument("--samples", type=int, default=512, help="samples per model (default 512)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", default="", help="prompt of the traced generation (default: a new document)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from pretag.cli import UserError, print_json
+    from pretag.demo import CHECKPOINTS, DemoConfig, run_demo
+    from pretag.experiment import markdown_table
+    from pretag.generate import format_trace
+
+    if args.samples < 2 or args.max_new_tokens < 1:
+        raise UserError("--samples must be >= 2 and --max-new-tokens >= 1")
+    cfg = DemoConfig(checkpoints=Path(args.checkpoints) if args.checkpoints else CHECKPOINTS, samples=args.samples,
+                     max_new_tokens=args.max_new_tokens, prompt=args.prompt, seed=args.seed)
+    if not (cfg.checkpoints / "demo.yaml").exists():
+        raise UserError(f"{cfg.checkpoints} has no demo.yaml: not a demo checkpoint directory")
+    out = run_demo(cfg, args.out)
+    res, seq = out["results"], out["trace"]
+    if args.json:
+        print_json({**res, "trace": seq.to_dict()})
+        return 0
+    attr = res["summary"]["primary_attribute"]
+    keep = ["run", "tokens", f"{attr}.score", f"{attr}.score_lo", f"{attr}.score_hi", f"{attr}.frac_bad_segments",
+            f"{attr}.frac_bad_segments_lo", f"{attr}.frac_bad_segments_hi", f"{attr}.mle_ratio",
+            f"{attr}.mle_ratio_lo", f"{attr}.mle_ratio_hi", f"{attr}.temptation_auroc", "loss"]
+    rows = [{k: r.get(k) for k in keep} for r in res["rows"]]
+    print(f"\n== {res['summary']['experiment']}: misalignment ({attr}, lower is better) and capability "
+          f"(held-out loss, nats/token), {args.samples} samples per model ==\n")
+    print(markdown_table(rows))
+    cond = next((r for r in res["rows"] if r["run"] == "conditional"), None)
+    if cond and cond.get(f"{attr}.mle_ratio") is not None:
+        lo, hi = cond[f"{attr}.mle_ratio_lo"], cond[f"{attr}.mle_ratio_hi"]
+        verdict = "excludes 1: a real effect" if lo > 1 or hi < 1 else "includes 1: no effect shown"
+        print(f"MLE ÷ conditional misalignment: {cond[f'{attr}.mle_ratio']:.2f}x "
+              f"(95% CI {lo:.2f}-{hi:.2f}; the interval {verdict})")
+    print("\n== one controlled generation (conditional model, default policy), coloured by temptation toward "
+          "banned tags ==\n")
+    print(format_trace(seq, colour=sys.stdout.isatty()))
+    print(f"\nreport: {Path(args.out) / 'report.html'}  (tables: results.md/.csv, plots: pareto.png, "
+          "temptation.png)")
+    return 0
