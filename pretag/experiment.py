@@ -29,10 +29,12 @@ from typing import Any
 
 import yaml
 
+from pretag.objectives import OBJECTIVES
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT_DIR = Path(__file__).parent / "configs" / "experiments"
-METHODS = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
+METHODS = tuple(OBJECTIVES)  # every objective, in the paper's order
 
 
 # ---- config -----------------------------------------------------------------------------------------------

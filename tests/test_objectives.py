@@ -155,3 +155,11 @@ def test_every_objective_returns_a_scalar_and_float_logs():
         loss, logs = fn(shift(torch.zeros(1, 4, 2), b, torch.zeros(1, 4)), ObjectiveConfig())
         assert loss.dim() == 0 and math.isfinite(loss.item()), name
         assert all(isinstance(v, float) for v in logs.values()), name
+
+
+def test_cli_and_experiment_offer_exactly_the_registered_objectives():
+    from pretag.commands.train import METHODS as CLI_METHODS
+    from pretag.experiment import METHODS
+    from pretag.objectives import OBJECTIVES
+
+    assert tuple(OBJECTIVES) == METHODS == CLI_METHODS

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "train a model with mle, filter, conditional, unlikelihood, rwr or awr"
-METHODS = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
+METHODS = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")  # = pretag.objectives.OBJECTIVES (tested);
+# spelled out so that `pretag --help` does not import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
