@@ -187,15 +187,19 @@ def save_model_dir(model, tokenizer, schema: Schema, train_config: dict[str, Any
     return out
 
 
-def load_model_dir(path: str | Path):
-    """(model, tokenizer, schema) from a directory written by ``pretag train``."""
+def load_model_dir(path: str | Path, dtype: str = "float32"):
+    """(model, tokenizer, schema) from a directory written by ``pretag train``.
+
+    Weights are cast to ``dtype`` (float32 by default, so log-probabilities are exact even when a checkpoint is
+    stored in bf16 to keep it small, as the demo's are); pass ``"auto"`` to keep the stored dtype.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / SCHEMA_FILE).exists():
         raise FileNotFoundError(f"{path}: no {SCHEMA_FILE}; is this a model directory written by `pretag train`?")
     schema = load_schema(path / SCHEMA_FILE)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     tag_ids(tokenizer, schema)  # fail now, not at generation time, if the tags are missing
     return model, tokenizer, schema

@@ -151,3 +151,12 @@ def test_smollm2_gguf_loads_takes_tags_and_stays_tag_safe():
     with torch.no_grad():
         logits = model(torch.tensor([encode_text(tok, "def f(x):\n    return x\n")])).logits
     assert torch.isfinite(logits).all() and logits.shape[-1] == len(tok)
+
+
+def test_a_bf16_checkpoint_loads_as_float32_by_default(pretrained_dir, tmp_path):
+    model, tok = models.load_pretrained(pretrained_dir)
+    models.save_model_dir(model.to(torch.bfloat16), tok, TOY, {"method": "mle"}, tmp_path / "small")
+    m32, _, _ = models.load_model_dir(tmp_path / "small")
+    assert next(m32.parameters()).dtype == torch.float32
+    kept, _, _ = models.load_model_dir(tmp_path / "small", dtype="auto")
+    assert next(kept.parameters()).dtype == torch.bfloat16
