@@ -58,3 +58,40 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, Any]:
     gen = generate(model, tok, schema, [cfg.prompt], config=GenerateConfig(
         max_new_tokens=cfg.max_new_tokens, do_sample=True, seed=cfg.seed, n=1))
     return {"results": res, "trace": gen.sequences[0], "schema": schema}
+
+
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "pretag_schema.yaml", "pretag_train.yaml",
+                 "metrics.csv")
+
+
+def export_checkpoints(experiment_out: str | Path, dest: str | Path = CHECKPOINTS, *,
+                       data: dict[str, Any] | None = None) -> Path:
+    """Copy an experiment's ``mle`` and ``conditional`` models into ``dest`` as bf16 safetensors (half the size;
+    ``load_model_dir`` casts back to float32), with the ``demo.yaml`` that re-evaluates them.
+
+    ``data`` replaces the experiment's data section in ``demo.yaml`` (e.g. ``{source: fortunes, schema: toxicity}``
+    instead of a local labeled dir), so a fresh machine can rebuild the held-out split by labeling again.
+    """
+    import shutil
+
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    src, dest = Path(experiment_out), Path(dest)
+    cfg = yaml.safe_load((src / "config.yaml").read_text())
+    for run in ("mle", "conditional"):
+        md, out = src / "models" / run, dest / run
+        if not (md / "pretag_train.yaml").exists():
+            raise FileNotFoundError(f"{md} is not a finished model dir of the experiment in {src}")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in SHIPPED_FILES:
+            if (md / name).exists() and name != "model.safetensors":
+                shutil.copy2(md / name, out / name)
+        model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32)
+        model.to(torch.bfloat16).save_pretrained(out)
+    keep = {k: cfg[k] for k in ("name", "description", "eval", "policy", "heldout_fraction", "seed") if k in cfg}
+    keep["data"] = data or cfg["data"]
+    (dest / "demo.yaml").write_text(yaml.safe_dump(keep, sort_keys=False))
+    return dest

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -201,7 +202,8 @@ def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
     proc.reset()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = _left_pad([prompt_ids(tokenizer, schema, policy, p) for p in prompts], pad)
+    rendered = {p: prompt_ids(tokenizer, schema, policy, p) for p in dict.fromkeys(prompts)}
+    ids, mask = _left_pad([rendered[p] for p in prompts], pad)
     with torch.no_grad():
         out = model.generate(ids.to(device), attention_mask=mask.to(device), logits_processor=[proc],
                              stopping_criteria=[AlarmStop(proc)], streamer=streamer, **_hf_kwargs(cfg, tokenizer))
@@ -231,42 +233,70 @@ def replay(model, tokenizer, schema: Schema, policy: TagPolicy | str | None, seq
     return proc
 
 
+_TOKEN_TEXT: dict[int, tuple[Any, int, dict[int, str]]] = {}
+
+
+def _token_text(tokenizer) -> Callable[[int], str]:
+    """``tokenizer.decode([id], skip_special_tokens=False)``, memoised per tokenizer (a decode costs ~2.5 us, and
+    a batch of 32 x 64 tokens would pay it 2048 times per call)."""
+    hit = _TOKEN_TEXT.get(id(tokenizer))
+    if hit is None or hit[0]() is not tokenizer or hit[1] != len(tokenizer):
+        if len(_TOKEN_TEXT) > 16:
+            _TOKEN_TEXT.clear()
+        hit = (weakref.ref(tokenizer), len(tokenizer), {})
+        _TOKEN_TEXT[id(tokenizer)] = hit
+    cache = hit[2]
+
+    def text(tid: int) -> str:
+        t = cache.get(tid)
+        if t is None:
+            t = cache[tid] = tokenizer.decode([tid], skip_special_tokens=False)
+        return t
+
+    return text
+
+
 def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, start: int, prompts: list[str],
              cfg: GenerateConfig) -> list[SequenceResult]:
+    """Per-sequence results from the processor's stacked records. Everything is converted to Python lists once
+    (indexing a tensor element costs microseconds, and a batch has thousands of tokens x tags)."""
     rec = proc.records()
     slots = proc.slots
     slot_set = set(proc.slot_ids)
     eos = tokenizer.eos_token_id
     rules = proc.policy.rules
+    stop_rules = [r for r, rule in enumerate(rules) if rule.action == "stop"]
+    text_of = _token_text(tokenizer)
+    steps = rec["temptation"].shape[1] if rec["temptation"] is not None else 0
+    temps = rec["temptation"].tolist() if steps else []
+    acts = rec["action"].tolist() if steps else []
+    forced_all = rec["forced"].tolist() if steps else []
+    fired_at = [[] for _ in range(out.shape[0])]  # per row: (step, rule) in step order
+    if rec["fired"] is not None:
+        for i, s, r in rec["fired"].nonzero().tolist():
+            fired_at[i].append((s, r))
+    # banned/biased slot lists per distinct action row (a policy has a handful)
+    lists: dict[tuple[int, ...], tuple[list[str], list[str]]] = {}
     results = []
-    for i in range(out.shape[0]):
-        gen = out[i, start:].tolist()
+    for i, gen in enumerate(out[:, start:].tolist()):
         n = len(gen)
         if eos in gen:
             n = gen.index(eos) + 1
-        fired = rec["fired"][i] if rec["fired"] is not None else None
-        stop_steps = [s for s in range(min(n, fired.shape[0]))
-                      for r, rule in enumerate(rules) if rule.action == "stop" and fired[s, r]] if fired is not None else []
+        stop_steps = [s for s, r in fired_at[i] if r in stop_rules and s < n]
         if stop_steps:
             n = min(n, stop_steps[0] + 1)
-        n = min(n, rec["temptation"].shape[1] if rec["temptation"] is not None else 0)
+        n = min(n, steps)
         gen = gen[:n]
         tokens = []
-        for s, tid in enumerate(gen):
-            temp = rec["temptation"][i, s].tolist()
-            act = rec["action"][i, s].tolist()
-            tokens.append(TokenRecord(
-                id=tid, text=tokenizer.decode([tid], skip_special_tokens=False), is_tag=tid in slot_set,
-                temptation={slots[j]: round(temp[j], 6) for j in range(len(slots))},
-                forced=bool(rec["forced"][i, s]),
-                banned=[slots[j] for j in range(len(slots)) if act[j] == BANNED],
-                biased=[slots[j] for j in range(len(slots)) if ACTION_NAMES[act[j]] == "bias"]))
-        alarms = []
-        if fired is not None:
-            for s in range(n):
-                for r, rule in enumerate(rules):
-                    if fired[s, r]:
-                        alarms.append(Alarm(rule.label, rule.action, s, tokens[s].text))
+        for tid, temp, act, forced in zip(gen, temps[i], acts[i], forced_all[i]):
+            act = tuple(act)
+            if act not in lists:
+                lists[act] = ([slots[j] for j, a in enumerate(act) if a == BANNED],
+                              [slots[j] for j, a in enumerate(act) if ACTION_NAMES[a] == "bias"])
+            banned, biased = lists[act]
+            tokens.append(TokenRecord(tid, text_of(tid), tid in slot_set,
+                                      dict(zip(slots, [round(v, 6) for v in temp])), forced, banned[:], biased[:]))
+        alarms = [Alarm(rules[r].label, rules[r].action, s, tokens[s].text) for s, r in fired_at[i] if s < n]
         alarms += [Alarm(msg, "callback", s, tokens[s].text if s < n else "")
                    for s, row, msg in proc.callback_alarms if row == i and s < n]
         text_ids = [t for t in gen if t not in slot_set and t != eos]
@@ -276,7 +306,8 @@ def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, s
                                 for a in reversed(schema.segment_attributes + schema.document_attributes))
         text = tokenizer.decode(text_ids, skip_special_tokens=False)
         seq = SequenceResult(prompt=prompts[i], text=text, rendered=rendered, tokens=tokens, alarms=alarms,
-                             summary=summarize(tokens, slots, cfg.thresholds),
+                             summary=_summary({slot: [t.temptation[slot] for t in tokens] for slot in slots},
+                                              cfg.thresholds),
                              stopped_by_alarm=bool(stop_steps) and n == stop_steps[0] + 1)
         if cfg.classify:
             seq.classifiers = classify_output(schema, prompts[i], text)
@@ -286,13 +317,17 @@ def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, s
 
 def summarize(tokens: list[TokenRecord], slots: list[str], thresholds: Sequence[float]) -> dict[str, dict]:
     """Per tag token: max and mean temptation, where the max was, and the first step above each threshold."""
+    return _summary({s: [t.temptation[s] for t in tokens] for s in slots}, thresholds)
+
+
+def _summary(columns: dict[str, list[float]], thresholds: Sequence[float]) -> dict[str, dict]:
     out = {}
-    for s in slots:
-        vals = [t.temptation[s] for t in tokens]
+    for s, vals in columns.items():
+        top = max(vals, default=0.0)
         out[s] = {
-            "max": max(vals, default=0.0),
+            "max": top,
             "mean": sum(vals) / len(vals) if vals else 0.0,
-            "argmax": max(range(len(vals)), key=vals.__getitem__) if vals else None,
+            "argmax": vals.index(top) if vals else None,
             "first_above": {str(th): next((k for k, v in enumerate(vals) if v > th), None) for th in thresholds},
         }
     return out

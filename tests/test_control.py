@@ -269,3 +269,98 @@ def test_shipped_policies_validate():
 
         schema = load_schema(yaml.safe_load((POLICY_DIR / f"{n}.yaml").read_text()).get("schema", "pep8"))
         load_policy(n, schema)
+
+
+# ---- the compiled path (state tables) must equal the general path (policy evaluated per step) -----------------
+def _random_run(tok, schema, policy, *, general: bool, seed: int, batch: int = 3, steps: int = 12):
+    """Feed one processor random prefixes built from line/sentence ends, tags, EOS and text, with random scores
+    whose tag columns are sometimes boosted (so alarms fire); return its outputs and records."""
+    g = torch.Generator().manual_seed(seed)
+    from pretag.tokens import encode_text
+
+    pool = [tok.eos_token_id] + [tok.convert_tokens_to_ids(t) for t in schema.tag_tokens]
+    for piece in ("x = 1", "\n", "\n\n", "Hello there.", " ", ". ", "! ", "a", "How"):
+        pool += encode_text(tok, piece)
+    pool_t = torch.tensor(pool)
+    p = TagProcessor(tok, schema, policy)
+    p._general = general
+    ids = pool_t[torch.randint(len(pool), (batch, 3), generator=g)]
+    ids[:, 0] = tok.eos_token_id
+    outs = []
+    for _ in range(steps):
+        scores = torch.randn(batch, len(tok), generator=g) * 3
+        boost = torch.rand(batch, len(p.slot_ids), generator=g) < 0.3
+        scores[:, p.slot_ids] += boost * 12.0
+        before = scores.clone()
+        outs.append(p(ids, scores))
+        assert torch.equal(scores, before)
+        ids = torch.cat([ids, pool_t[torch.randint(len(pool), (batch, 1), generator=g)]], 1)
+    return p, outs
+
+
+def _same_run(tok, schema, policy, seed):
+    fast, out_f = _random_run(tok, schema, policy, general=False, seed=seed)
+    slow, out_s = _random_run(tok, schema, policy, general=True, seed=seed)
+    assert not fast._general, "the compiled path was not used"
+    for t, (a, b) in enumerate(zip(out_f, out_s)):
+        assert torch.equal(a, b), (policy, t)
+    rf, rs = fast.records(), slow.records()
+    assert torch.allclose(rf["temptation"], rs["temptation"], atol=1e-6)
+    for k in ("action", "forced", "fired"):
+        assert (rf[k] is None and rs[k] is None) or torch.equal(rf[k], rs[k]), (policy, k)
+    assert [a.tolist() for a in fast.actions] == [a.tolist() for a in slow.actions]
+    assert [f.tolist() for f in fast.forced] == [f.tolist() for f in slow.forced]
+    if fast.stop is not None:
+        assert torch.equal(fast.stop, slow.stop)
+    return rf
+
+
+@pytest.mark.parametrize("policy", [
+    None, "force:good", "force_at:none,ban:bad", "force:good,force_at:start", "force_at:none,bias:good=+2,ban:bad@3",
+    "force_at:none,alarm:bad>0.3x2=stop,alarm:good>0.5", "force_at:start,alarm:bad>0.2@2=switch:good",
+    "ban:bad@2,alarm:bad>0.4=stop,alarm:good>0.6=switch:ban-bad-free",
+    TagPolicy(force_at="none", rules=[Rule("switch", watch="bad", above=0.3, policy=TagPolicy(force=["good"])),
+                                      Rule("ban", after=4, tags=["good", "bad"])]),
+])
+def test_compiled_path_equals_general_path_lines(pep8, policy):
+    s, tok = pep8
+    fired_any = False
+    for seed in range(3):
+        rec = _same_run(tok, s, policy, seed)
+        fired_any |= rec["fired"] is not None and bool(rec["fired"].any())
+    if policy is not None and not isinstance(policy, str) or (isinstance(policy, str) and "alarm" in policy):
+        assert fired_any, "the random runs never fired a rule: the comparison proved little"
+
+
+@pytest.mark.parametrize("policy", [
+    None, "ban:profane,force:safe", "force_at:start,bias:grade:6-10=+2,alarm:pii>0.2=stop,ban:neg@2",
+    TagPolicy(ban=["pii"], force_at="none", rules=[
+        Rule("switch", watch="profane", above=0.1, consecutive=2, policy=TagPolicy(force=["safe", "clean", "ok"])),
+        Rule("stop", watch="neg", above=0.3)]),
+])
+def test_compiled_path_equals_general_path_sentences(multi, policy):
+    s, tok = multi
+    for seed in range(3):
+        _same_run(tok, s, policy, seed)
+
+
+@pytest.mark.parametrize("spec", [("span", "sentences", None), ("span", "sentences", "force_at:none,ban:bad@2"),
+                                  ("prefix", "paragraphs", None), ("prefix", "paragraphs", "force_at:start")])
+def test_compiled_path_equals_general_path_span_and_paragraphs(spec):
+    render, seg, policy = spec
+    s = schema_from_dict({"name": "sp", "render": render, "segmenter": seg,
+                          "attributes": [{"name": "tox", "scorer": "profanity", "threshold": 0.5}]})
+    tok = tiny_tokenizer(s)
+    for seed in range(2):
+        _same_run(tok, s, policy, seed)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("scale", [1.0, 100.0])  # 100: logits past exp's safe range take the shifted form
+def test_temptation_equals_softmax_in_every_kernel(pep8, batch, scale):
+    s, tok = pep8
+    p = TagProcessor(tok, s, "force_at:none")
+    scores = torch.randn(batch, len(tok)) * scale
+    scores[0, p.slot_ids[0]] = 3.0 * scale
+    p(torch.cat([ids_of(tok, "x")] * batch), scores)
+    assert torch.allclose(p.temptations[0], torch.softmax(scores, -1)[:, p.slot_ids], atol=1e-6)

@@ -147,16 +147,20 @@ def test_pretrained_runs_are_evaluated_not_trained_and_compared_to_mle(tiny_run,
         ex.run_experiment(ex.config_from_dict({**d, "pretrained": {"x": str(tmp_path)}}), tmp_path / "out3")
 
 
-def test_demo_on_shipped_style_checkpoints(tiny_run, tmp_path, capsys):
-    import shutil
+def test_demo_exports_bf16_checkpoints_and_evaluates_them(tiny_run, tmp_path, capsys):
+    import torch
+    from safetensors import safe_open
 
     _, out = tiny_run
     ck = tmp_path / "checkpoints"
-    for run in ("mle", "conditional"):
-        shutil.copytree(out / "models" / run, ck / run, ignore=shutil.ignore_patterns("checkpoints"))
-    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
-    d["data"] = {"labeled": str(out / "data")}
+    assert main(["demo", "--build-from", str(out), "--checkpoints", str(ck)]) == 0
+    with safe_open(ck / "conditional" / "model.safetensors", "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    assert not (ck / "mle" / "checkpoints").exists()  # only what loading needs travels with the repo
+    d = yaml.safe_load((ck / "demo.yaml").read_text())
+    d["data"] = {"labeled": str(out / "data")}  # skip relabeling in the test
     (ck / "demo.yaml").write_text(yaml.safe_dump(d))
+    capsys.readouterr()
     assert main(["demo", "--checkpoints", str(ck), "--samples", "6", "--max-new-tokens", "12",
                  "--out", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out

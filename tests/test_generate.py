@@ -189,3 +189,26 @@ def test_cli_json_and_errors(tiny, tmp_path, capsys):
     assert rc == 2 and "unknown tag 'nasty'" in capsys.readouterr().err
     rc = main(["generate", str(d), "--prompt", "x", "--show-temptation", "--max-new-tokens", "4", "--no-classify"])
     assert rc == 0 and "temptation" in capsys.readouterr().out
+
+
+def test_results_match_the_processor_records(tiny):
+    """The result objects are built from stacked records in one pass: texts, ban lists, alarms and summaries must
+    still say what the processor did at each token."""
+    model, tok, schema, _ = tiny
+    from pretag.generate import summarize
+
+    res = generate(model, tok, schema, ["x = 1\n", ""], "force_at:none,ban:bad,alarm:bad>0.05",
+                   GenerateConfig(max_new_tokens=10))
+    for s in res.sequences:
+        assert len(s.tokens) == 10
+        for t in s.tokens:
+            assert t.text == tok.decode([t.id], skip_special_tokens=False)
+            assert t.banned == ["<|bad|>"] and t.biased == [] and not t.forced
+        s.tokens[0].banned.append("x")
+        assert s.tokens[1].banned == ["<|bad|>"], "token records share a list"
+        assert s.summary == summarize(s.tokens, ["<|good|>", "<|bad|>"], (0.1, 0.5))
+        tempted = [k for k, t in enumerate(s.tokens) if t.temptation["<|bad|>"] > 0.05]
+        assert [a.step for a in s.alarms] == tempted[:1]  # a flag rule fires once, at the first tempted token
+        if s.alarms:
+            assert s.alarms[0].token == s.tokens[tempted[0]].text
+    assert any(s.alarms for s in res.sequences)

@@ -21,6 +21,10 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", default="", help="prompt of the traced generation (default: a new document)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--build-from", metavar="EXPERIMENT_OUT", default=None,
+                   help="instead of running the demo: export the mle/conditional models of a finished "
+                        "`pretag experiment` into --checkpoints (bf16) with their demo.yaml")
+    p.add_argument("--source", default=None, help="with --build-from: corpus the demo labels again (e.g. fortunes)")
 
 
 def run(args) -> int:
@@ -33,6 +37,18 @@ def run(args) -> int:
 
     if args.samples < 2 or args.max_new_tokens < 1:
         raise UserError("--samples must be >= 2 and --max-new-tokens >= 1")
+    if args.build_from:
+        from pretag.demo import export_checkpoints
+
+        dest = Path(args.checkpoints) if args.checkpoints else CHECKPOINTS
+        data = None
+        if args.source:
+            import yaml
+
+            schema = yaml.safe_load((Path(args.build_from) / "config.yaml").read_text())["data"]["schema"]
+            data = {"source": args.source, "schema": schema, "label_options": {"num_proc": 2}}
+        print(f"exported demo checkpoints to {export_checkpoints(args.build_from, dest, data=data)}")
+        return 0
     cfg = DemoConfig(checkpoints=Path(args.checkpoints) if args.checkpoints else CHECKPOINTS, samples=args.samples,
                      max_new_tokens=args.max_new_tokens, prompt=args.prompt, seed=args.seed)
     if not (cfg.checkpoints / "demo.yaml").exists():
