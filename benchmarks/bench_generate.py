@@ -40,8 +40,11 @@ def main() -> None:
     torch.manual_seed(0)
     schema = load_schema("pep8")
     tok = train_tokenizer(TEXT, schema, vocab_size=400, min_frequency=1)
+    doc_start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     model = GPT2LMHeadModel(GPT2Config(vocab_size=max(args.vocab, len(tok)), n_positions=512, n_embd=args.width,
-                                       n_layer=args.layers, n_head=max(1, args.width // 64))).to(args.device).eval()
+                                       n_layer=args.layers, n_head=max(1, args.width // 64),
+                                       bos_token_id=doc_start, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id)).to(args.device).eval()
     model.generation_config.eos_token_id = None  # fixed-length runs: every configuration makes the same tokens
     policy = TagPolicy(force=["good"], name="bench", rules=[])
     from pretag.control import Rule
