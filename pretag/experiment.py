@@ -231,7 +231,9 @@ def ratio_columns(baseline: dict, result: dict) -> dict[str, Any]:
     """``<attr>.mle_ratio``: the baseline's (MLE's) misalignment score ÷ this run's, with a bootstrap interval over
     both runs' samples — the paper's headline figure (≈ 13× on toxicity at its scale). Above 1: this run is better.
     Attributes where higher is better are oriented already (scores are "higher is worse" in the summary)."""
-    from pretag.evaluate import ratio_ci
+    import numpy as np
+
+    from pretag.evaluate import pooled_fraction, ratio_ci
 
     cols: dict[str, Any] = {}
     for attr, m in (result.get("misalignment") or {}).items():
@@ -241,6 +243,11 @@ def ratio_columns(baseline: dict, result: dict) -> dict[str, Any]:
             continue
         e = ratio_ci(a, b)
         cols[f"{attr}.mle_ratio"], cols[f"{attr}.mle_ratio_lo"], cols[f"{attr}.mle_ratio_hi"] = e.value, e.lo, e.hi
+        ps_a, ps_b = _get(baseline, "misalignment", attr, "per_sample"), m["per_sample"]
+        e = ratio_ci(np.stack([ps_a["bad_segments"], ps_a["segments"]], 1),
+                     np.stack([ps_b["bad_segments"], ps_b["segments"]], 1), pooled_fraction)
+        cols[f"{attr}.mle_ratio_bad_segments"] = e.value
+        cols[f"{attr}.mle_ratio_bad_segments_lo"], cols[f"{attr}.mle_ratio_bad_segments_hi"] = e.lo, e.hi
         a_bad = _get(baseline, "misalignment", attr, "per_sample", "any_bad")
         b_bad = _get(m, "per_sample", "any_bad")
         if a_bad and b_bad:

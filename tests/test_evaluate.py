@@ -297,3 +297,13 @@ def test_ratio_ci_of_constants_is_a_point_and_scales():
     assert same.value == pytest.approx(1.0) and same.lo < 1.0 < same.hi  # no effect: the interval holds 1
     far = ratio_ci(x, x / 3, seed=1)
     assert far.value == pytest.approx(3.0) and far.lo > 1.0  # a real effect: the interval excludes 1
+
+
+def test_ratio_ci_of_pooled_fractions():
+    from pretag.evaluate import pooled_fraction, ratio_ci
+
+    a = np.array([[1, 10], [3, 10]])  # 4 bad of 20 segments
+    b = np.array([[1, 20], [1, 20]])  # 2 bad of 40
+    e = ratio_ci(a, b, pooled_fraction, n_resamples=200)
+    assert e.value == pytest.approx((4 / 20) / (2 / 40))
+    assert e.lo <= e.value <= e.hi
