@@ -164,7 +164,7 @@ def test_demo_exports_bf16_checkpoints_and_evaluates_them(tiny_run, tmp_path, ca
     assert main(["demo", "--checkpoints", str(ck), "--samples", "6", "--max-new-tokens", "12",
                  "--out", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out
-    assert "| mle |" in text and "| conditional |" in text and "MLE ÷ conditional misalignment" in text
+    assert "| mle |" in text and "| conditional |" in text and "MLE ÷ conditional, misalignment score" in text
     assert "temptation (max / mean" in text  # the traced controlled generation
     assert (tmp_path / "demo" / "report.html").stat().st_size > 0
     assert not (tmp_path / "demo" / "models").exists()  # evaluated, never retrained

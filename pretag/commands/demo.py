@@ -61,17 +61,20 @@ def run(args) -> int:
     attr = res["summary"]["primary_attribute"]
     keep = ["run", "tokens", f"{attr}.score", f"{attr}.score_lo", f"{attr}.score_hi", f"{attr}.frac_bad_segments",
             f"{attr}.frac_bad_segments_lo", f"{attr}.frac_bad_segments_hi", f"{attr}.mle_ratio",
-            f"{attr}.mle_ratio_lo", f"{attr}.mle_ratio_hi", f"{attr}.temptation_auroc", "loss"]
+            f"{attr}.mle_ratio_lo", f"{attr}.mle_ratio_hi", f"{attr}.mle_ratio_bad_segments",
+            f"{attr}.mle_ratio_bad_segments_lo", f"{attr}.mle_ratio_bad_segments_hi", f"{attr}.temptation_auroc",
+            "loss", "loss_tagged"]
     rows = [{k: r.get(k) for k in keep} for r in res["rows"]]
     print(f"\n== {res['summary']['experiment']}: misalignment ({attr}, lower is better) and capability "
           f"(held-out loss, nats/token), {args.samples} samples per model ==\n")
     print(markdown_table(rows))
     cond = next((r for r in res["rows"] if r["run"] == "conditional"), None)
-    if cond and cond.get(f"{attr}.mle_ratio") is not None:
-        lo, hi = cond[f"{attr}.mle_ratio_lo"], cond[f"{attr}.mle_ratio_hi"]
-        verdict = "excludes 1: a real effect" if lo > 1 or hi < 1 else "includes 1: no effect shown"
-        print(f"MLE ÷ conditional misalignment: {cond[f'{attr}.mle_ratio']:.2f}x "
-              f"(95% CI {lo:.2f}-{hi:.2f}; the interval {verdict})")
+    for key, what in (("mle_ratio", "misalignment score"), ("mle_ratio_bad_segments", "fraction of bad segments")):
+        if cond and cond.get(f"{attr}.{key}") is not None:
+            lo, hi = cond[f"{attr}.{key}_lo"], cond[f"{attr}.{key}_hi"]
+            verdict = "excludes 1: a real effect" if lo > 1 or hi < 1 else "includes 1: no effect shown"
+            print(f"MLE ÷ conditional, {what}: {cond[f'{attr}.{key}']:.2f}x "
+                  f"(95% CI {lo:.2f}-{hi:.2f}; the interval {verdict})")
     print("\n== one controlled generation (conditional model, default policy), coloured by temptation toward "
           "banned tags ==\n")
     print(format_trace(seq, colour=sys.stdout.isatty()))
