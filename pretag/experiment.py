@@ -497,7 +497,6 @@ def _train(run: str, method: str, data: Path, out: Path, cfg: ExperimentConfig, 
 def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     """Label (or reuse) → train every objective → evaluate each → tables, plots, report. Resumable: finished
     labeling shards, trained models and evaluations are reused when the same command runs again."""
-    from pretag.evaluate import evaluate_model, json_safe
     from pretag.label import label_corpus
     from pretag.schema import load_schema
 
@@ -516,54 +515,89 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     schema = load_schema(data / "schema.yaml")
     label_s = time.perf_counter() - t0
 
-    # 2. train: same data, token budget, seed and model size for every objective
+    # 2. train every objective on the same data, token budget, seed and model size, and 3. evaluate each with the
+    # same samples budget, reference samples (cached) and held-out documents *as soon as it is trained*, rewriting
+    # the tables and report after every evaluation: a long experiment that stops early still leaves its results.
+    e = cfg.eval
     runs: dict[str, dict[str, Any]] = {}
     model_dirs: dict[str, Path] = {}
+    results: dict[str, dict] = {}
+    pending: list[str] = []
+    mle_dir = Path(cfg.pretrained["mle"]) if "mle" in cfg.pretrained else out / "models" / "mle"
+    has_mle = "mle" in cfg.pretrained or "mle" in cfg.methods
+    reference = e.reference or (str(mle_dir) if has_mle else None)
+    settings = {**asdict(e), "reference": reference, "seed": cfg.seed}
+
+    def evaluate_ready() -> None:
+        if reference is not None and not e.reference and "mle" not in runs:
+            return  # the KL reference (this experiment's MLE model) is not trained yet
+        while pending:
+            run = pending.pop(0)
+            results[run] = _evaluate(run, model_dirs[run], data, out, cfg, reference, settings)
+            _write_tables(cfg, schema, out, runs, results, model_dirs, reference)
+
+    def add(run: str, info: dict[str, Any], model_dir: Path) -> None:
+        runs[run], model_dirs[run] = info, model_dir
+        pending.append(run)
+        evaluate_ready()
+
     for run, md in cfg.pretrained.items():
-        runs[run], model_dirs[run] = _pretrained_info(run, Path(md)), Path(md)
-    for m in cfg.methods:
+        add(run, _pretrained_info(run, Path(md)), Path(md))
+    methods = sorted(cfg.methods, key=lambda m: m != "mle")  # MLE first: it is the KL reference and the baseline
+    for m in methods:
         log.info("experiment %s: training %s", cfg.name, m)
-        runs[m] = _train(m, m, data, out / "models" / m, cfg, schema.name, tokens=cfg.tokens)
+        add(m, _train(m, m, data, out / "models" / m, cfg, schema.name, tokens=cfg.tokens), out / "models" / m)
     if cfg.finetune.enabled:  # the paper's §5: MLE first, then the conditional objective, same total budget
         ft = cfg.finetune
         first = round(cfg.tokens * ft.pretrain_fraction)
         stage = out / "models" / "finetune-mle-stage"
         s1 = _train("finetune-mle-stage", "mle", data, stage, cfg, schema.name, tokens=first)
         lr = cfg.train.get("lr", 1e-3)  # a fresh preset's default: the fine-tune must not silently slow down
-        s2 = _train(f"mle→{ft.method}", ft.method, data, out / "models" / f"finetune-{ft.method}", cfg, schema.name,
+        ft_dir = out / "models" / f"finetune-{ft.method}"
+        s2 = _train(f"mle→{ft.method}", ft.method, data, ft_dir, cfg, schema.name,
                     tokens=cfg.tokens - first, model=str(stage), extra={"lr": lr})
         s2 = {**s2, "tokens": cfg.tokens, "wall_s": s1["wall_s"] + s2["wall_s"], "stages": [first, cfg.tokens - first]}
-        runs[f"mle→{ft.method}"] = s2
+        add(f"mle→{ft.method}", s2, ft_dir)
         if ft.method not in runs:
-            runs[ft.method] = _train(ft.method, ft.method, data, out / "models" / ft.method, cfg, schema.name,
-                                     tokens=cfg.tokens)
-    for r in runs:
-        model_dirs.setdefault(r, out / "models" / (f"finetune-{cfg.finetune.method}" if r.startswith("mle→") else r))
+            add(ft.method, _train(ft.method, ft.method, data, out / "models" / ft.method, cfg, schema.name,
+                                  tokens=cfg.tokens), out / "models" / ft.method)
+    evaluate_ready()
+    if pending:
+        raise RuntimeError(f"experiment {cfg.name}: no KL reference for {pending}")
+    return _write_tables(cfg, schema, out, runs, results, model_dirs, reference, t0=t0, label_s=label_s, final=True)
 
-    # 3. evaluate: same samples budget, same reference samples (cached), same held-out documents
+
+def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentConfig, reference: str | None,
+              settings: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate one run, or reuse its cached evaluation when the settings are unchanged."""
+    from pretag.evaluate import evaluate_model
+
     e = cfg.eval
-    reference = e.reference or (str(model_dirs["mle"]) if "mle" in model_dirs else None)
-    results: dict[str, dict] = {}
-    for run, md in model_dirs.items():
-        path = out / "evals" / f"{run.replace('→', '-then-')}.json"
-        path.parent.mkdir(exist_ok=True)
-        settings = {**asdict(e), "reference": reference, "seed": cfg.seed}
-        if path.exists():
-            cached = json.loads(path.read_text())
-            if cached.get("experiment_settings") == settings:
-                results[run] = cached
-                continue
-        log.info("experiment %s: evaluating %s", cfg.name, run)
-        r = evaluate_model(md, data=data, samples=e.samples, max_new_tokens=e.max_new_tokens,
-                           temperature=e.temperature, reference=reference, reference_samples_n=e.reference_samples,
-                           cache_dir=out / "cache", heldout_docs=e.heldout_docs, redteam_n=e.redteam_prompts,
-                           policy=cfg.policy or None, batch_size=e.batch_size, seed=cfg.seed)
-        r["experiment_settings"] = settings
-        path.write_text(json.dumps(r, indent=2, default=str))
-        results[run] = r
+    path = out / "evals" / f"{run.replace('→', '-then-')}.json"
+    path.parent.mkdir(exist_ok=True)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("experiment_settings") == settings:
+            return cached
+    log.info("experiment %s: evaluating %s", cfg.name, run)
+    r = evaluate_model(model_dir, data=data, samples=e.samples, max_new_tokens=e.max_new_tokens,
+                       temperature=e.temperature, reference=reference, reference_samples_n=e.reference_samples,
+                       cache_dir=out / "cache", heldout_docs=e.heldout_docs, redteam_n=e.redteam_prompts,
+                       policy=cfg.policy or None, batch_size=e.batch_size, seed=cfg.seed)
+    r["experiment_settings"] = settings
+    path.write_text(json.dumps(r, indent=2, default=str))
+    return r
 
-    # 4. tables, plots, report
-    rows = [result_row(run, results[run], runs[run]) for run in runs]
+
+def _write_tables(cfg: ExperimentConfig, schema, out: Path, runs: dict[str, dict], results: dict[str, dict],
+                  model_dirs: dict[str, Path], reference: str | None, *, t0: float | None = None, label_s: float | None = None,
+                  final: bool = False) -> dict[str, Any]:
+    """Tables, plots and the HTML report of every run evaluated so far (``final`` marks the complete set)."""
+    from pretag.evaluate import json_safe
+
+    e = cfg.eval
+    done = [r for r in runs if r in results]
+    rows = [result_row(run, results[run], runs[run]) for run in done]
     if "mle" in results:
         for row in rows:
             row.update(ratio_columns(results["mle"], results[row["run"]]))
@@ -572,22 +606,25 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     primary = next((a.name for a in schema.attributes if a.level == "segment" and a.bands is None),
                    schema.attributes[0].name)
     plots = [plot_pareto(rows, primary, out / "pareto.png")]
-    logs = {run: model_dirs[run] / "metrics.csv" for run in runs if (model_dirs[run] / "metrics.csv").exists()}
-    plots.append(plot_training_curves(logs, out / "curves.png", {r: runs[r].get("tokens_per_step", 1) for r in runs}))
+    logs = {run: model_dirs[run] / "metrics.csv" for run in done if (model_dirs[run] / "metrics.csv").exists()}
+    plots.append(plot_training_curves(logs, out / "curves.png", {r: runs[r].get("tokens_per_step", 1) for r in done}))
     temps = {run: {"bad": _get(res, "temptation", primary, "before_bad") or [],
                    "good": _get(res, "temptation", primary, "before_good") or []}
              for run, res in results.items() if _get(res, "temptation", primary)}
     plots.append(plot_temptation(temps, out / "temptation.png"))
     summary = {
-        "experiment": cfg.name, "description": cfg.description, "schema": schema.name, "data": str(data),
+        "experiment": cfg.name, "description": cfg.description, "schema": schema.name,
+        "data": str(cfg.data.labeled or out / "data"), "complete": final,
         "model": cfg.model, "tokens_per_objective": cfg.tokens, "samples_per_model": e.samples,
         "max_new_tokens": e.max_new_tokens, "reference": reference, "seed": cfg.seed,
-        "primary_attribute": primary, "label_wall_s": label_s, "wall_s": time.perf_counter() - t0,
-        "train_wall_s": {r: runs[r]["wall_s"] for r in runs},
-        "eval_wall_s": {r: results[r].get("wall_s") for r in results},
+        "primary_attribute": primary, "label_wall_s": label_s,
+        "wall_s": None if t0 is None else time.perf_counter() - t0,
+        "train_wall_s": {r: runs[r]["wall_s"] for r in done},
+        "eval_wall_s": {r: results[r].get("wall_s") for r in done},
     }
-    write_report(out / "report.html", title=f"pretag experiment: {cfg.name}", summary=summary, rows=rows,
-                 plots=plots, samples={r: results[r].get("examples", [])[:3] for r in results})
+    title = f"pretag experiment: {cfg.name}" + ("" if final else f" (partial: {len(done)} runs evaluated so far)")
+    write_report(out / "report.html", title=title, summary=summary, rows=rows,
+                 plots=plots, samples={r: results[r].get("examples", [])[:3] for r in done})
     full = {"summary": summary, "rows": rows,
             "artifacts": {k: str(out / k) for k in ("results.md", "results.csv", "results.json", "pareto.png",
                                                      "curves.png", "temptation.png", "report.html")}}

@@ -170,3 +170,22 @@ def test_demo_exports_bf16_checkpoints_and_evaluates_them(tiny_run, tmp_path, ca
     assert not (tmp_path / "demo" / "models").exists()  # evaluated, never retrained
     assert main(["demo", "--checkpoints", str(tmp_path)]) == 2
     assert "no demo.yaml" in capsys.readouterr().err
+
+
+def test_each_run_is_reported_as_soon_as_it_is_evaluated(tiny_run, tmp_path, monkeypatch):
+    """A long experiment that stops mid-way (a crash, a session limit) keeps the tables of the runs done so far."""
+    _, out = tiny_run
+    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
+    d.update(data={"labeled": str(out / "data")}, methods=["filter"], pretrained={"mle": str(out / "models" / "mle")})
+    d["finetune"] = {"enabled": False}
+
+    def killed(run, *a, **k):
+        raise RuntimeError(f"killed while training {run}")
+
+    monkeypatch.setattr(ex, "_train", killed)
+    with pytest.raises(RuntimeError, match="killed while training filter"):
+        ex.run_experiment(ex.config_from_dict(d), tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| mle |" in md and "| filter |" not in md
+    assert "partial: 1 runs evaluated so far" in (tmp_path / "out" / "report.html").read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["complete"] is False
