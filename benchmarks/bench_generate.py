@@ -1,7 +1,8 @@
 """Tokens/s of controlled + monitored generation against plain ``model.generate`` (no processor), in one run.
 
 Run by hand:  OMP_NUM_THREADS=1 python benchmarks/bench_generate.py [--device cuda] [--layers 4 --width 256]
-Three configurations per batch size (1 and 32), greedy, fixed length (EOS disabled), best of --repeats (interleaved):
+Three configurations per batch size (1 and 32), greedy, best of --repeats (interleaved), all with the same EOS
+check (the full API always stops at EOS, so plain generate does too; tokens/s counts the steps each one ran):
     plain      model.generate(...)
     control    + TagProcessor (measure every tag, force/ban, two alarm rules) + AlarmStop
     full API   pretag.generate.generate (the above plus per-token result objects)
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batches", default="1,32")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -45,7 +46,7 @@ def main() -> None:
                                        n_layer=args.layers, n_head=max(1, args.width // 64),
                                        bos_token_id=doc_start, eos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id)).to(args.device).eval()
-    model.generation_config.eos_token_id = None  # fixed-length runs: every configuration makes the same tokens
+    model.generation_config.eos_token_id = tok.eos_token_id
     policy = TagPolicy(force=["good"], name="bench", rules=[])
     from pretag.control import Rule
 
@@ -71,30 +72,28 @@ def main() -> None:
 
     for B in (int(b) for b in args.batches.split(",")):
         ids = torch.tensor([base] * B, device=args.device)
-        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                  pad_token_id=tok.pad_token_id)
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        made = [0, 0, 0]  # steps x rows each configuration ran (all stop when every row has ended)
 
-        def plain(ids=ids, kw=kw):
+        def plain(ids=ids, kw=kw, made=made):
             with torch.no_grad():
-                model.generate(ids, **kw)
+                made[0] = model.generate(ids, **kw)[:, ids.shape[1]:].numel()
 
-        def control(ids=ids, kw=kw):
+        def control(ids=ids, kw=kw, made=made):
             proc = TagProcessor(tok, schema, policy)
             with torch.no_grad():
-                model.generate(ids, logits_processor=[proc], stopping_criteria=[AlarmStop(proc)], **kw)
-            return proc
-
-        made = [0]
+                out = model.generate(ids, logits_processor=[proc], stopping_criteria=[AlarmStop(proc)], **kw)
+            made[1] = out[:, ids.shape[1]:].numel()
 
         def full(B=B, made=made):
-            made[0] = 0
             r = generate(model, tok, schema, ["def f(a, b):\n    return a + b\n"] * B, policy,
-                     GenerateConfig(max_new_tokens=n))
-            made[0] = sum(len(q.tokens) for q in r.sequences)
+                         GenerateConfig(max_new_tokens=n))
+            made[2] = B * max(len(q.tokens) for q in r.sequences)
 
         plain(), control(), full()  # warm up (tables, kernels)
         t_plain, t_ctrl, t_full = timed(plain, control, full)
-        tps = [B * n / t_plain, B * n / t_ctrl, made[0] / t_full]  # the full API may stop at EOS
+        tps = [made[0] / t_plain, made[1] / t_ctrl, made[2] / t_full]
         print(f"batch {B:>3}: plain {tps[0]:9.1f} tok/s | control+monitor {tps[1]:9.1f} tok/s "
               f"({tps[1] / tps[0]:.3f}x) | full API {tps[2]:9.1f} tok/s ({tps[2] / tps[0]:.3f}x)")
 

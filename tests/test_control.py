@@ -299,9 +299,16 @@ def _random_run(tok, schema, policy, *, general: bool, seed: int, batch: int = 3
 
 
 def _same_run(tok, schema, policy, seed):
-    fast, out_f = _random_run(tok, schema, policy, general=False, seed=seed)
-    slow, out_s = _random_run(tok, schema, policy, general=True, seed=seed)
+    for batch in (3, 1):  # 3: the compiled tensor path; 1: its scalar twin (one row on the CPU)
+        rec = _same_run_batch(tok, schema, policy, seed, batch)
+    return rec
+
+
+def _same_run_batch(tok, schema, policy, seed, batch):
+    fast, out_f = _random_run(tok, schema, policy, general=False, seed=seed, batch=batch)
+    slow, out_s = _random_run(tok, schema, policy, general=True, seed=seed, batch=batch)
     assert not fast._general, "the compiled path was not used"
+    assert fast._host == (batch == 1), "the scalar path runs exactly when there is one row"
     for t, (a, b) in enumerate(zip(out_f, out_s)):
         assert torch.equal(a, b), (policy, t)
     rf, rs = fast.records(), slow.records()
