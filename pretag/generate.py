@@ -209,8 +209,12 @@ def _hf_kwargs(cfg: GenerateConfig, tokenizer) -> dict[str, Any]:
 def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
              policy: TagPolicy | str | None = None, config: GenerateConfig | None = None, *,
              callback: Callable[[StepInfo], None] | None = None, streamer=None,
-             processor: TagProcessor | None = None) -> GenerationResult:
-    """Generate under ``policy`` and monitor the temptation of every tag; one result per prompt x ``n``."""
+             processor: TagProcessor | None = None, stopping_criteria: Sequence[Any] = ()) -> GenerationResult:
+    """Generate under ``policy`` and monitor the temptation of every tag; one result per prompt x ``n``.
+
+    ``stopping_criteria`` are extra HF ``StoppingCriteria`` (e.g. a client disconnect); prefer them to a
+    ``callback`` for anything that does not change the logits, since a callback forces the processor's slower
+    per-step path."""
     cfg = config or GenerateConfig()
     cfg.validate()
     policy = load_policy(policy, schema)
@@ -228,7 +232,8 @@ def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
     ids, mask = _left_pad([rendered[p] for p in prompts], pad)
     with torch.no_grad():
         out = model.generate(ids.to(device), attention_mask=mask.to(device), logits_processor=[proc],
-                             stopping_criteria=[AlarmStop(proc)], streamer=streamer, **_hf_kwargs(cfg, tokenizer))
+                             stopping_criteria=[AlarmStop(proc), *stopping_criteria], streamer=streamer,
+                             **_hf_kwargs(cfg, tokenizer))
     start = ids.shape[1]
     if cfg.num_beams > 1:  # rows were re-ordered during the search: measure the final beams' histories again
         full_mask = torch.cat([mask.repeat_interleave(cfg.n, 0).to(device),

@@ -286,3 +286,24 @@ def test_cli_help_and_bad_arguments(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing"), "--policy", str(tmp_path / "p.yaml"), "--port", "70000"]) == 2
     err = capsys.readouterr().err
     assert "is not a directory" in err and "no such file" in err and "--port" in err
+
+
+def test_cancel_ends_the_generation_and_keeps_the_fast_path(model_dir, monkeypatch):
+    """A client that goes away ends the generation after the current token, through a StoppingCriteria (a
+    processor callback would force the processor's slow per-step path)."""
+    import pretag.control as control
+    from pretag.serve.engine import GenParams
+
+    engine = Engine.from_dir(model_dir, policy="none")
+    made = []
+    monkeypatch.setattr(control.TagProcessor, "reset", lambda self, orig=control.TagProcessor.reset: (
+        made.append(self), orig(self))[1])
+    events = []
+    res = engine.generate("x = 1\n", engine.operator, GenParams(max_new_tokens=40, temperature=0),
+                          events.append, cancelled=lambda: len(events) >= 3)
+    # HF checks stopping criteria before it streams the step's token: the cancel seen at step 4 ends after token 4
+    assert res["finish_reason"] == "cancelled" and res["n_tokens"] == 4 == len(events)
+    assert made and not made[-1]._general and made[-1]._host  # one row on the CPU: the scalar path
+    full = engine.generate("x = 1\n", engine.operator, GenParams(max_new_tokens=12, temperature=0),
+                           lambda e: None, cancelled=lambda: False)
+    assert full["finish_reason"] in ("length", "stop") and full["n_tokens"] > 3

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import StoppingCriteria
+
 from pretag.control import TagPolicy
 from pretag.schema import Schema
 
@@ -79,16 +81,13 @@ class Engine:
         """Run ``pretag.generate.generate``, calling ``on_token`` once per new token as HF produces it.
 
         Returns the summary: text (tags removed), rendered (with tags), finish_reason, alarms, peak temptation.
-        Cancellation uses the processor's own stop mechanism (a step callback that stops the row).
+        Cancellation is an HF ``StoppingCriteria`` (the generation ends after the current token), so the processor
+        keeps its compiled per-step path.
         """
         from pretag.control import TagProcessor
         from pretag.generate import GenerateConfig, generate
 
-        def stop_if_cancelled(info) -> None:
-            if cancelled():
-                info.stop()
-
-        proc = TagProcessor(self.tokenizer, self.schema, policy, callback=stop_if_cancelled)
+        proc = TagProcessor(self.tokenizer, self.schema, policy)
         streamer = _EventStreamer(self, proc, policy, on_token)
         greedy = params.temperature == 0
         cfg = GenerateConfig(max_new_tokens=params.max_new_tokens, do_sample=not greedy,
@@ -96,7 +95,7 @@ class Engine:
                              top_p=params.top_p or 1.0, seed=params.seed)
         t0 = time.perf_counter()
         seq = generate(self.model, self.tokenizer, self.schema, prompt, policy, cfg, streamer=streamer,
-                       processor=proc).sequences[0]
+                       processor=proc, stopping_criteria=[_Cancel(cancelled)]).sequences[0]
         if cancelled():
             reason = "cancelled"
         elif seq.stopped_by_alarm:
@@ -110,6 +109,18 @@ class Engine:
         return {"text": seq.text, "rendered": seq.rendered, "n_tokens": len(streamer.events),
                 "finish_reason": reason, "alarms": streamer.alarms, "max_temptation": peak,
                 "model_s": round(time.perf_counter() - t0, 6)}
+
+
+class _Cancel(StoppingCriteria):
+    """Ends every row once ``cancelled()`` says so (a client went away, the server is shutting down)."""
+
+    def __init__(self, cancelled: Callable[[], bool]):
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.cancelled(), dtype=torch.bool, device=input_ids.device)
 
 
 class _EventStreamer:
