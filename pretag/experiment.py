@@ -233,7 +233,7 @@ def ratio_columns(baseline: dict, result: dict) -> dict[str, Any]:
     Attributes where higher is better are oriented already (scores are "higher is worse" in the summary)."""
     import numpy as np
 
-    from pretag.evaluate import pooled_fraction, ratio_ci
+    from pretag.metrics import pooled_fraction, ratio_ci
 
     cols: dict[str, Any] = {}
     for attr, m in (result.get("misalignment") or {}).items():
@@ -593,7 +593,7 @@ def _write_tables(cfg: ExperimentConfig, schema, out: Path, runs: dict[str, dict
                   model_dirs: dict[str, Path], reference: str | None, *, t0: float | None = None, label_s: float | None = None,
                   final: bool = False) -> dict[str, Any]:
     """Tables, plots and the HTML report of every run evaluated so far (``final`` marks the complete set)."""
-    from pretag.evaluate import json_safe
+    from pretag.metrics import json_safe
 
     e = cfg.eval
     done = [r for r in runs if r in results]
