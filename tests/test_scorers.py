@@ -44,6 +44,24 @@ def test_pep8_total_equals_pycodestyle_on_a_stdlib_file():
     assert round(sum(sc * len(s) for sc, s in zip(scores, segs))) == expected
 
 
+def test_pep8_survives_a_crash_inside_pycodestyle():
+    """A sample a small model wrote once crashed pycodestyle's continued_indentation check (IndexError) and with
+    it a whole experiment's evaluation. The scorer leaves the crashing check out for that file and keeps the rest."""
+    import pycodestyle
+
+    sc = build_scorer("pep8")
+    text = ',"def ,[))#\n(\t}}"\\\n[\t'  # found by fuzzing; pycodestyle 2.x raises IndexError on it
+    with pytest.raises(IndexError):
+        pycodestyle.Checker(lines=text.splitlines(True), options=sc._options,
+                            report=pycodestyle.BaseReport(sc._options)).check_all()
+    per_line = sc.violations(text)
+    assert sc.crashes == 1 and sum(per_line.values()) > 0  # the other checks still count
+    segs = segment(text, "lines")
+    [scores] = sc.score_docs([Doc(text, segs)])
+    assert len(scores) == len(segs) and all(s > 0 for s in scores)
+    assert sc.violations("x = 1\n") == {}  # a clean file after a crash: every check is back
+
+
 def test_pii_is_scrubadub_detections_per_char():
     import scrubadub
 

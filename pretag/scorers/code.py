@@ -10,11 +10,15 @@ segments the violations of their lines add up. Higher is worse; 0 means clean.
 from __future__ import annotations
 
 import bisect
+import copy
+import logging
 
 import pycodestyle
 
 from pretag.scorers import Doc, Scorer
 from pretag.segment import lines as segment_lines
+
+log = logging.getLogger(__name__)
 
 
 class _CountingReport(pycodestyle.BaseReport):
@@ -29,6 +33,17 @@ class _CountingReport(pycodestyle.BaseReport):
         if code is not None:  # not ignored by the options
             self.per_line[line_number] = self.per_line.get(line_number, 0) + 1
         return code
+
+
+def _crashed_check(exc: BaseException, options) -> str | None:
+    """The pycodestyle check whose frame raised ``exc`` (innermost first), or None if none of them did."""
+    names = {c[0] for kind in ("logical_checks", "physical_checks", "ast_checks") for c in getattr(options, kind)}
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in names:
+            found = tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    return found
 
 
 class Pep8Scorer(Scorer):
@@ -49,12 +64,30 @@ class Pep8Scorer(Scorer):
         self._options = pycodestyle.StyleGuide(**kw).options
 
     def violations(self, text: str) -> dict[int, int]:
-        """1-based physical line number -> number of violations, for a whole file."""
-        report = _CountingReport(self._options)
+        """1-based physical line number -> number of violations, for a whole file.
+
+        pycodestyle's own checks can crash on malformed code (``continued_indentation`` raises IndexError on some
+        unbalanced brackets, which a small model's samples produce). Then the crashing check is left out for this
+        file and the file is checked again, so one broken sample costs that check's findings on that file, never
+        the whole evaluation; ``self.crashes`` counts how often it happened."""
         # the same physical lines as the ``lines`` segmenter (only "\n" ends a line), so line numbers agree
-        lines = segment_lines(text)
-        pycodestyle.Checker(lines=list(lines), options=self._options, report=report).check_all()
-        return report.per_line
+        lines = list(segment_lines(text))
+        options = self._options
+        while True:
+            report = _CountingReport(options)
+            try:
+                pycodestyle.Checker(lines=lines, options=options, report=report).check_all()
+                return report.per_line
+            except Exception as e:  # noqa: BLE001  (a bug in a third-party check on this input)
+                name = _crashed_check(e, options)
+                if name is None:
+                    raise
+                self.crashes = getattr(self, "crashes", 0) + 1
+                log.debug("pycodestyle check %s crashed on a %d-line file (%r); checking without it",
+                          name, len(lines), e)
+                options = copy.copy(options)
+                for kind in ("logical_checks", "physical_checks", "ast_checks"):
+                    setattr(options, kind, [c for c in getattr(options, kind) if c[0] != name])
 
     def score_docs(self, docs: list[Doc]) -> list[list[float | None]]:
         out = []
