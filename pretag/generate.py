@@ -172,6 +172,8 @@ class GenerateConfig:
     seed: int | None = None
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     classify: bool = False
+    stop_at_eos: bool = True
+    """False: make exactly ``max_new_tokens`` (EOS is then an ordinary document separator), e.g. for benchmarks."""
 
     def validate(self) -> None:
         problems = []
@@ -200,7 +202,8 @@ def _hf_kwargs(cfg: GenerateConfig, tokenizer) -> dict[str, Any]:
     kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
                               num_return_sequences=cfg.n, do_sample=cfg.sampling(),
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                              else tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                              else tokenizer.eos_token_id,
+                              eos_token_id=tokenizer.eos_token_id if cfg.stop_at_eos else None)
     if cfg.sampling():
         kw.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     return kw
@@ -322,7 +325,7 @@ def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, s
     results = []
     for i, gen in enumerate(out[:, start:].tolist()):
         n = len(gen)
-        if eos in gen:
+        if cfg.stop_at_eos and eos in gen:
             n = gen.index(eos) + 1
         stop_steps = [s for s, r in fired_at[i] if r in stop_rules and s < n]
         if stop_steps:

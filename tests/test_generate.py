@@ -212,3 +212,21 @@ def test_results_match_the_processor_records(tiny):
         if s.alarms:
             assert s.alarms[0].token == s.tokens[tempted[0]].text
     assert any(s.alarms for s in res.sequences)
+
+
+def test_stop_at_eos_false_makes_exactly_max_new_tokens(tiny):
+    model, tok, schema, _ = tiny
+    kw = dict(max_new_tokens=40, n=8, seed=0)
+    stopped = generate(model, tok, schema, "x = 1\n", None, GenerateConfig(**kw)).sequences
+    fixed = generate(model, tok, schema, "x = 1\n", None, GenerateConfig(**kw, stop_at_eos=False)).sequences
+    ended = 0
+    for a, b in zip(stopped, fixed):
+        ids_a, ids_b = [t.id for t in a.tokens], [t.id for t in b.tokens]
+        assert len(ids_b) == 40  # EOS is an ordinary token: the row goes on
+        if tok.eos_token_id in ids_b[:-1]:
+            k = ids_b.index(tok.eos_token_id)
+            assert ids_a == ids_b[: k + 1]  # same sampling up to the EOS, where the default stops
+            ended += 1
+        else:
+            assert ids_a == ids_b[: len(ids_a)]
+    assert ended, "no sample reached EOS: the comparison proved little"
