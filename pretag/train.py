@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from pretag.objectives import FILTERS_DATA, NEEDS_VALUES, OBJECTIVES, USES_TAGS, ObjectiveConfig
@@ -80,7 +81,9 @@ class TrainConfig:
     threshold: float | None = None
     """filter/unlikelihood: score threshold overriding the schema's (0 means 0: any violation is bad)."""
     alpha: float = 1.0
-    beta: float = 1.0
+    beta: float | str = 1.0
+    """rwr/awr temperature of exp(R / beta); ``auto``: the standard deviation of the per-token reward in the
+    training data, so the weights do not depend on the reward's units (a grade level, a violation rate)."""
     weight_clip: float = 1000.0
     lora: bool = False
     """Train LoRA adapters (peft) on a pretrained model; the saved model has them merged."""
@@ -230,8 +233,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"awr: alpha mixes LM and value loss and must be in [0, 1], got {cfg.alpha}")
     if cfg.alpha < 0:
         p.append(f"alpha must be >= 0, got {cfg.alpha}")
-    if cfg.beta <= 0:
-        p.append(f"beta must be > 0, got {cfg.beta}")
+    if isinstance(cfg.beta, str) and cfg.beta != "auto" or not isinstance(cfg.beta, str) and cfg.beta <= 0:
+        p.append(f"beta must be > 0 or 'auto', got {cfg.beta!r}")
     if cfg.weight_clip <= 0:
         p.append(f"weight_clip must be > 0, got {cfg.weight_clip}")
     if cfg.precision not in ("bf16", "fp16", "fp32"):
@@ -321,10 +324,21 @@ def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None)
             eval_blocks = Blocks(*(getattr(eval_blocks, f.name)[: cfg.eval_max_blocks]
                                    for f in dataclasses.fields(Blocks) if f.name != "attributes"),
                                  attributes=eval_blocks.attributes)
+    if cfg.beta == "auto":
+        stats["beta"] = auto_beta(train_blocks)
+        logger.info("beta: auto = %.4g (standard deviation of the per-token reward)", stats["beta"])
     stats.update(train_tokens=train_blocks.n_tokens, train_blocks=len(train_blocks),
                  bad_token_fraction=float(train_blocks.bad[train_blocks.mask].mean()),
                  tag_tokens=int(train_blocks.is_tag.sum()))
     return Prepared(model, tokenizer, schema, train_blocks, eval_blocks, stats)
+
+
+def auto_beta(blocks) -> float:
+    """The standard deviation of the reward over the text tokens (1.0 when the reward is constant)."""
+    r = blocks.reward[blocks.mask & ~blocks.is_tag]
+    r = r[np.isfinite(r)]
+    sd = float(r.std()) if r.size else 0.0
+    return sd if sd > 0 else 1.0
 
 
 class BlockDataset:
@@ -512,6 +526,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg, data, resume_from=resume)
     model, tokenizer = prep.model, prep.tokenizer
+    objective_cfg = cfg if cfg.beta != "auto" else dataclasses.replace(cfg, beta=prep.stats["beta"])
     if cfg.lora:
         model = models.apply_lora(model, tokenizer, prep.schema, r=cfg.lora_r, alpha=cfg.lora_alpha)
     if cfg.method in NEEDS_VALUES:
@@ -543,7 +558,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=BlockDataset(prep.train),
         eval_dataset=BlockDataset(prep.eval) if eval_on else None, data_collator=default_data_collator,
-        processing_class=tokenizer, callbacks=callbacks, pretag_cfg=cfg, tokens_per_step=tokens_per_step,
+        processing_class=tokenizer, callbacks=callbacks, pretag_cfg=objective_cfg, tokens_per_step=tokens_per_step,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress)

@@ -13,6 +13,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -230,3 +231,20 @@ def test_cli_reports_bad_input_clearly(data, tmp_path):
     p = _cli("train", str(tmp_path / "nothing"), "--out", str(tmp_path / "y"))
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 2 and "not a labeled dataset" in out
+
+
+def test_beta_auto_is_the_reward_spread_and_trains(data, tmp_path):
+    from types import SimpleNamespace
+
+    from pretag.train import auto_beta
+
+    blocks = SimpleNamespace(reward=np.array([[-1.0, -3.0, 9.0, np.nan]], dtype=np.float32),
+                             mask=np.array([[True, True, False, True]]), is_tag=np.zeros((1, 4), dtype=bool))
+    assert auto_beta(blocks) == pytest.approx(1.0)  # std of {-1, -3}; the padded and NaN tokens do not count
+    blocks.reward[:] = -2.0
+    assert auto_beta(blocks) == 1.0  # a constant reward: no scale to match
+    with pytest.raises(ValueError, match="beta must be > 0 or 'auto'"):
+        resolve_config("rwr", sets={"beta": "hot"})
+    res = train(cfg_for("rwr", beta="auto"), data, tmp_path / "rwr-auto")
+    assert res.stats["beta"] > 0 and res.stats["beta"] != 1.0
+    assert torch.isfinite(torch.tensor(res.train_loss))
