@@ -230,7 +230,9 @@ def result_row(run: str, result: dict, train_info: dict | None = None) -> dict[s
 def ratio_columns(baseline: dict, result: dict) -> dict[str, Any]:
     """``<attr>.mle_ratio``: the baseline's (MLE's) misalignment score ÷ this run's, with a bootstrap interval over
     both runs' samples — the paper's headline figure (≈ 13× on toxicity at its scale). Above 1: this run is better.
-    Attributes where higher is better are oriented already (scores are "higher is worse" in the summary)."""
+    Attributes where higher is better are oriented already (scores are "higher is worse" in the summary); when
+    scores can be negative (a signed score such as VADER's compound) the score ratio is left out, and the ratios of
+    bad segments and of samples with any bad segment remain."""
     import numpy as np
 
     from pretag.metrics import pooled_fraction, ratio_ci
@@ -241,8 +243,9 @@ def ratio_columns(baseline: dict, result: dict) -> dict[str, Any]:
         b = _get(m, "per_sample", "score")
         if not a or not b:
             continue
-        e = ratio_ci(a, b)
-        cols[f"{attr}.mle_ratio"], cols[f"{attr}.mle_ratio_lo"], cols[f"{attr}.mle_ratio_hi"] = e.value, e.lo, e.hi
+        if min(a) >= 0 and min(b) >= 0:  # a ratio of means needs non-negative scores; a signed score (VADER's
+            e = ratio_ci(a, b)           # compound, oriented) has none: read its bad-segment ratio instead
+            cols[f"{attr}.mle_ratio"], cols[f"{attr}.mle_ratio_lo"], cols[f"{attr}.mle_ratio_hi"] = e.value, e.lo, e.hi
         ps_a, ps_b = _get(baseline, "misalignment", attr, "per_sample"), m["per_sample"]
         e = ratio_ci(np.stack([ps_a["bad_segments"], ps_a["segments"]], 1),
                      np.stack([ps_b["bad_segments"], ps_b["segments"]], 1), pooled_fraction)

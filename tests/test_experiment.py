@@ -189,3 +189,16 @@ def test_each_run_is_reported_as_soon_as_it_is_evaluated(tiny_run, tmp_path, mon
     assert "| mle |" in md and "| filter |" not in md
     assert "partial: 1 runs evaluated so far" in (tmp_path / "out" / "report.html").read_text()
     assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["complete"] is False
+
+
+def test_ratio_columns_skip_the_score_ratio_of_a_signed_score():
+    def res(scores, bad):
+        return {"misalignment": {"s": {"per_sample": {"score": scores, "bad_segments": bad, "segments": [2] * len(bad),
+                                                      "any_bad": [b > 0 for b in bad]}}}}
+
+    positive = ex.ratio_columns(res([0.2, 0.4, 0.6, 0.2], [1, 1, 0, 1]), res([0.1, 0.2, 0.3, 0.1], [0, 1, 0, 1]))
+    assert positive["s.mle_ratio"] == pytest.approx(2.0)
+    assert positive["s.mle_ratio_lo"] <= 2.0 <= positive["s.mle_ratio_hi"]
+    signed = ex.ratio_columns(res([-0.2, 0.4, -0.6, 0.1], [1, 1, 0, 1]), res([0.1, -0.2, 0.3, 0.1], [0, 1, 0, 1]))
+    assert "s.mle_ratio" not in signed  # a ratio of means of signed scores means nothing
+    assert signed["s.mle_ratio_bad_segments"] == pytest.approx(1.5)  # 3/8 over 2/8
