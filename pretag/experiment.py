@@ -517,6 +517,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
                      **cfg.data.label_options)
     schema = load_schema(data / "schema.yaml")
     label_s = time.perf_counter() - t0
+    if cfg.policy:  # a wrong policy must fail here, not after hours of training when the first model is evaluated
+        from pretag.policy import PolicyError, load_policy
+
+        try:
+            load_policy(cfg.policy, schema)
+        except PolicyError as e:
+            raise ValueError(f"experiment {cfg.name}: its policy does not fit schema {schema.name!r}: {e}") from e
 
     # 2. train every objective on the same data, token budget, seed and model size, and 3. evaluate each with the
     # same samples budget, reference samples (cached) and held-out documents *as soon as it is trained*, rewriting

@@ -270,12 +270,15 @@ def shipped_policies() -> list[str]:
     return sorted(p.stem for p in POLICY_DIR.glob("*.yaml"))
 
 
-def load_policy(spec: TagPolicy | str | Path | None, schema: Schema) -> TagPolicy:
-    """A policy from a YAML file, a shipped policy name, or a compact string; validated against ``schema``."""
+def load_policy(spec: TagPolicy | dict | str | Path | None, schema: Schema) -> TagPolicy:
+    """A policy from a YAML file, a shipped policy name, a compact string or a dict (the YAML file's content, e.g.
+    an experiment config's ``policy:``); validated against ``schema``."""
     if spec is None:
         policy = default_policy(schema)
     elif isinstance(spec, TagPolicy):
         policy = spec
+    elif isinstance(spec, dict):
+        policy = policy_from_dict(spec, where="policy")
     else:
         s = str(spec)
         path = Path(s)

@@ -202,3 +202,25 @@ def test_ratio_columns_skip_the_score_ratio_of_a_signed_score():
     signed = ex.ratio_columns(res([-0.2, 0.4, -0.6, 0.1], [1, 1, 0, 1]), res([0.1, -0.2, 0.3, 0.1], [0, 1, 0, 1]))
     assert "s.mle_ratio" not in signed  # a ratio of means of signed scores means nothing
     assert signed["s.mle_ratio_bad_segments"] == pytest.approx(1.5)  # 3/8 over 2/8
+
+
+def test_config_policy_dict_is_used_and_a_wrong_one_fails_before_training(tiny_run, tmp_path, monkeypatch):
+    """The experiment config's ``policy:`` is a dict (multi.yaml's policy per attribute). It once reached
+    load_policy as a string and failed after the first model had trained."""
+    _, out = tiny_run
+    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
+    d.update(data={"labeled": str(out / "data")}, methods=[], finetune={"enabled": False},
+             pretrained={"mle": str(out / "models" / "mle"), "conditional": str(out / "models" / "conditional")},
+             policy={"name": "ban-only", "ban": ["bad"], "force_at": "none"})
+    res = ex.run_experiment(ex.config_from_dict(d), tmp_path / "ok")
+    assert [r["run"] for r in res["rows"]] == ["mle", "conditional"]
+    ev = json.loads((tmp_path / "ok" / "evals" / "conditional.json").read_text())
+    assert ev["policy"]["name"] == "ban-only" and ev["policy"]["force_at"] == "none"
+
+    def never(*a, **k):
+        raise AssertionError("trained although the policy was wrong")
+
+    monkeypatch.setattr(ex, "_train", never)
+    d.update(methods=["mle"], pretrained={}, policy={"ban": ["nope"]})
+    with pytest.raises(ValueError, match="nope"):
+        ex.run_experiment(ex.config_from_dict(d), tmp_path / "bad")
