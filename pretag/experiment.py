@@ -247,6 +247,8 @@ def ratio_columns(baseline: dict, result: dict) -> dict[str, Any]:
             e = ratio_ci(a, b)           # compound, oriented) has none: read its bad-segment ratio instead
             cols[f"{attr}.mle_ratio"], cols[f"{attr}.mle_ratio_lo"], cols[f"{attr}.mle_ratio_hi"] = e.value, e.lo, e.hi
         ps_a, ps_b = _get(baseline, "misalignment", attr, "per_sample"), m["per_sample"]
+        if not sum(ps_a["bad_segments"]) and not sum(ps_b["bad_segments"]):
+            continue  # no bad segment in either (an attribute with bands has no bad value): 0 / 0 is no ratio
         e = ratio_ci(np.stack([ps_a["bad_segments"], ps_a["segments"]], 1),
                      np.stack([ps_b["bad_segments"], ps_b["segments"]], 1), pooled_fraction)
         cols[f"{attr}.mle_ratio_bad_segments"] = e.value

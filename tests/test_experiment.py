@@ -202,6 +202,8 @@ def test_ratio_columns_skip_the_score_ratio_of_a_signed_score():
     signed = ex.ratio_columns(res([-0.2, 0.4, -0.6, 0.1], [1, 1, 0, 1]), res([0.1, -0.2, 0.3, 0.1], [0, 1, 0, 1]))
     assert "s.mle_ratio" not in signed  # a ratio of means of signed scores means nothing
     assert signed["s.mle_ratio_bad_segments"] == pytest.approx(1.5)  # 3/8 over 2/8
+    none_bad = ex.ratio_columns(res([0.2, 0.4], [0, 0]), res([0.1, 0.2], [0, 0]))
+    assert "s.mle_ratio" in none_bad and "s.mle_ratio_bad_segments" not in none_bad  # 0 / 0: no ratio
 
 
 def test_config_policy_dict_is_used_and_a_wrong_one_fails_before_training(tiny_run, tmp_path, monkeypatch):
