@@ -90,7 +90,8 @@ def ratio_ci(
         point = sa / sb if sb else float("inf")
         stats = np.where(mb > 0, ma / np.where(mb > 0, mb, 1.0), np.inf)
     alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.nan_to_num(np.quantile(stats, [alpha, 1 - alpha]), nan=np.inf, posinf=np.inf)  # inf-inf: nan
     return Estimate(point, float(min(lo, point)), float(max(hi, point)), len(a) + len(b))
 
 

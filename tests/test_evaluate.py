@@ -307,3 +307,14 @@ def test_ratio_ci_of_pooled_fractions():
     e = ratio_ci(a, b, pooled_fraction, n_resamples=200)
     assert e.value == pytest.approx((4 / 20) / (2 / 40))
     assert e.lo <= e.value <= e.hi
+
+
+def test_ratio_ci_upper_bound_is_infinite_when_resampled_denominators_are_zero():
+    """A rare attribute (PII in 0.1 % of samples): many resamples of the run have no bad sample at all, so the
+    ratio's upper bound is unbounded — inf, never NaN."""
+    from pretag.evaluate import ratio_ci
+
+    mle = [1.0] * 3 + [0.0] * 997
+    run = [1.0] + [0.0] * 999
+    e = ratio_ci(mle, run)
+    assert e.value == pytest.approx(3.0) and e.hi == float("inf") and 0 <= e.lo <= 3.0
