@@ -526,7 +526,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg, data, resume_from=resume)
     model, tokenizer = prep.model, prep.tokenizer
-    objective_cfg = cfg if cfg.beta != "auto" else dataclasses.replace(cfg, beta=prep.stats["beta"])
+    run_cfg = cfg if cfg.beta != "auto" else dataclasses.replace(cfg, beta=prep.stats["beta"])  # beta: auto resolved
     if cfg.lora:
         model = models.apply_lora(model, tokenizer, prep.schema, r=cfg.lora_r, alpha=cfg.lora_alpha)
     if cfg.method in NEEDS_VALUES:
@@ -558,7 +558,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=BlockDataset(prep.train),
         eval_dataset=BlockDataset(prep.eval) if eval_on else None, data_collator=default_data_collator,
-        processing_class=tokenizer, callbacks=callbacks, pretag_cfg=objective_cfg, tokens_per_step=tokens_per_step,
+        processing_class=tokenizer, callbacks=callbacks, pretag_cfg=run_cfg, tokens_per_step=tokens_per_step,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress)
