@@ -247,13 +247,17 @@ class TagProcessor(LogitsProcessor):
         # forcing order: document attributes first (generation start only), then segment attributes
         self.order = schema.document_attributes + schema.segment_attributes
         self.n_doc = len(schema.document_attributes)
-        # compile the main policy and every switch target
+        # compile the main policy and every switch target; which policy each rule switches to is this processor's
+        # state (index into self.policies, -1: not a switch), never written onto the shared, frozen Rule
         self.policies: list[TagPolicy] = [self.policy]
+        self._switch_to: list[int] = []
         for r in self.policy.rules:
             if r.action == "switch":
                 t = r.policy if isinstance(r.policy, TagPolicy) else load_policy(r.policy, schema)
-                r._target = len(self.policies)  # type: ignore[attr-defined]
+                self._switch_to.append(len(self.policies))
                 self.policies.append(t)
+            else:
+                self._switch_to.append(-1)
         self._torch = torch
         self._general = callback is not None or self.num_beams > 1
         self._tables_for: tuple | None = None
@@ -363,7 +367,7 @@ class TagProcessor(LogitsProcessor):
                         ban_m[i, self.slot_of_tag(t) + 1] = 1.0
         self._r_ban = ban_m.to(device)
         self._r_stop = torch.tensor([r.action == "stop" for r in rules], device=device)
-        self._r_switch = torch.tensor([getattr(r, "_target", -1) for r in rules], device=device)
+        self._r_switch = torch.tensor(self._switch_to, dtype=torch.long, device=device)
         # what the compiled path needs per step, decided here once
         self._r_nowatch = ~self._r_has_watch if not all(r.watch is not None for r in rules) else None
         self._r_afters = [r.after or 0 for r in rules] if any(r.after for r in rules) else None

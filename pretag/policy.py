@@ -30,7 +30,7 @@ class PolicyError(ValueError):
 
 
 # ---- policy ----------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Rule:
     """A dynamic rule, evaluated at every step; once it fires it stays fired (latches) for that sequence.
 
@@ -38,6 +38,10 @@ class Rule:
     the temptation of ``watch`` was above ``above`` for ``consecutive`` steps in a row ending at ``t``.
     Examples: ``Rule("ban", after=50, tags=["bad"])`` bans ``bad`` from token 50 on;
     ``Rule("stop", watch="bad", above=0.3, consecutive=3)`` ends the generation after 3 tempted tokens.
+
+    Frozen (``tags`` is kept as a tuple): the server's operator policy shares its rules across concurrent requests,
+    so per-run state (counters, latches, switch targets) lives in the ``TagProcessor``, never on the rule.
+    Derive a changed rule with ``dataclasses.replace``.
     """
 
     action: str
@@ -46,10 +50,16 @@ class Rule:
     above: float | None = None
     consecutive: int = 1
     after: int | None = None
-    tags: list[str] = field(default_factory=list)
+    tags: tuple[str, ...] = ()
     policy: TagPolicy | str | None = None
     """``switch`` target: a policy, a shipped policy name, a YAML file or a compact string."""
     name: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tags, str):
+            object.__setattr__(self, "tags", (self.tags,))
+        elif not isinstance(self.tags, tuple):
+            object.__setattr__(self, "tags", tuple(self.tags))
 
     @property
     def label(self) -> str:
@@ -97,8 +107,8 @@ class TagPolicy:
                 check(t, verb)
         for t, b in self.bias.items():
             check(t, "bias")
-            if isinstance(b, bool) or not isinstance(b, int | float) or math.isnan(b):
-                problems.append(f"bias: value for {t!r} must be a number, got {b!r}")
+            if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b):
+                problems.append(f"bias: value for {t!r} must be a finite number, got {b!r} (use ban to forbid a tag)")
         if self.force_at is not None and self.force_at not in FORCE_AT:
             problems.append(f"force_at {self.force_at!r} is not one of {FORCE_AT}")
         for t in set(self.ban) & (set(self.force) | set(self.allow)):
@@ -156,8 +166,10 @@ class TagPolicy:
         if self.force_at:
             d["force_at"] = self.force_at
         if self.rules:
-            d["rules"] = [{k: (v.to_dict() if isinstance(v, TagPolicy) else v) for k, v in r.__dict__.items()
-                           if v not in (None, [], "") and not (k == "consecutive" and v == 1)} for r in self.rules]
+            d["rules"] = [{k: (v.to_dict() if isinstance(v, TagPolicy) else list(v) if isinstance(v, tuple) else v)
+                           for k, v in r.__dict__.items()
+                           if v not in (None, [], (), "") and not (k == "consecutive" and v == 1)}
+                          for r in self.rules]
         return d
 
 
@@ -246,6 +258,9 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
                     raise ValueError
             except ValueError:
                 problems.append(f"{item!r}: expected bias:TAG=NUMBER (e.g. bias:grade:6-10=+2)")
+                continue
+            if not math.isfinite(p.bias[tag]):
+                problems.append(f"{item!r}: a bias must be a finite number, got {val} (use ban:{tag} to forbid a tag)")
         elif verb == "force_at":
             p.force_at = arg
         elif verb == "alarm":

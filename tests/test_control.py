@@ -240,6 +240,40 @@ def test_beam_state_follows_parent_rows(pep8):
     assert run([1, 0]) == [float("-inf"), 0.0]
 
 
+def test_processors_sharing_rules_do_not_interfere(pep8):
+    """The server's operator floor hands the same Rule objects to every request's processor: a processor must keep
+    its per-run state (here: which policy a switch rule selects) to itself, and rules cannot be changed at all."""
+    import dataclasses
+
+    s, tok = pep8
+    bad = tag_id(tok, s, "bad")
+    shared = Rule("switch", watch="bad", above=0.5, policy=TagPolicy(ban=["bad"], force_at="none"))
+    other = Rule("switch", watch="good", above=0.99, policy=TagPolicy(force_at="none", bias={"good": 1.0}))
+    a = TagProcessor(tok, s, TagPolicy(force_at="none", rules=[shared]))
+    b = TagProcessor(tok, s, TagPolicy(force_at="none", rules=[other, shared]))  # `shared` at another index
+    tempted = torch.zeros(1, len(tok))
+    tempted[0, bad] = 20.0
+    for p in (a, b, a, b):  # interleaved, as overlapping requests would run
+        p(ids_of(tok, "x"), uniform(tok))
+    assert a(ids_of(tok, "x"), tempted)[0, bad] == float("-inf")  # a switched to its own target: bad banned
+    assert b(ids_of(tok, "x"), tempted)[0, bad] == float("-inf")
+    assert a.records()["fired"][0, -1].tolist() == [True] and b.records()["fired"][0, -1].tolist() == [False, True]
+    assert shared.__dict__.keys() == {f.name for f in dataclasses.fields(Rule)}  # nothing written onto the rule
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        shared.watch = "good"  # type: ignore[misc]
+    assert Rule("ban", after=3, tags=["bad"]).tags == ("bad",)
+
+
+def test_non_finite_bias_is_rejected(pep8):
+    s, _ = pep8
+    for spec in ("bias:bad=inf", "bias:bad=-inf", "bias:bad=nan"):
+        with pytest.raises(PolicyError, match="finite"):
+            load_policy(spec, s)
+    with pytest.raises(PolicyError, match="finite"):
+        load_policy({"bias": {"bad": float("inf")}}, s)
+    assert load_policy("bias:bad=-1e3", s).bias == {"bad": -1000.0}
+
+
 def test_policy_parsing_and_validation(multi):
     s, _ = multi
     p = load_policy("ban:profane,bias:grade:6-10=+2,force:safe", s)
