@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "train"
 CHECKPOINTS = "checkpoints"
+LOSSES_FILE = "pretag_losses.json"  # in each checkpoint: {step: loss}, so a resumed run reports the full mean
 
 
 @dataclass
@@ -374,7 +376,7 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 def _trainer_class():
     """Build the Trainer subclass lazily (transformers is heavy; ``import pretag.train`` stays light)."""
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 
     from pretag.models import VALUE_HEAD
     from pretag.objectives import shift, text_nll
@@ -389,6 +391,8 @@ def _trainer_class():
             self.loss_is_scaled_for_ga = False  # our losses are per-batch means
             self._logs: dict[str, list[float]] = {}
             self._clock: tuple[float, int] | None = None
+            self.step_losses: dict[int, Any] = {}  # step -> its loss (summed over micro-batches), kept across resume
+            self.add_callback(_StartClock(self))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             need_values = self.pretag_cfg.method in NEEDS_VALUES
@@ -405,6 +409,17 @@ def _trainer_class():
             else:
                 loss = text_nll(tb)  # held-out loss: text NLL, comparable across objectives
             return (loss, out) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            step = self.state.global_step + 1  # every micro-batch of step s+1 runs while global_step == s
+            self.step_losses[step] = loss if step not in self.step_losses else self.step_losses[step] + loss
+            return loss
+
+        def losses_as_floats(self) -> dict[int, float]:
+            """The per-step losses as floats (one sync, at save/end time: not per step)."""
+            self.step_losses = {s: float(v) for s, v in self.step_losses.items()}
+            return self.step_losses
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs:
@@ -429,6 +444,9 @@ def _trainer_class():
             finally:
                 self.args.output_dir = real
             if self.args.should_save:
+                step = self.state.global_step  # the losses so far travel with the checkpoint (resume's summary)
+                losses = {s: v for s, v in self.losses_as_floats().items() if s <= step}
+                Path(staging, name, LOSSES_FILE).write_text(json.dumps(losses))
                 final = os.path.join(real, name)
                 if os.path.exists(final):
                     shutil.rmtree(final)
@@ -439,7 +457,27 @@ def _trainer_class():
                 for old in done[: max(0, len(done) - (self.args.save_total_limit or len(done)))]:
                     shutil.rmtree(old, ignore_errors=True)
 
+    class _StartClock(TrainerCallback):
+        """Start the tokens/s clock when training (or a resumed run) starts, so the first logged step of either
+        gets its throughput row too."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.trainer._clock = (time.perf_counter(), state.global_step)
+
     return PretagTrainer
+
+
+def mean_step_loss(losses: dict[int, float], steps: int) -> float | None:
+    """The mean training loss over every step, the resumed ones included; None if a step's loss is unknown.
+
+    HF's ``training_loss`` averages only the steps of the last ``train()`` call, so a resumed run reported
+    another number than an uninterrupted one although every step was the same."""
+    if steps < 1 or any(s not in losses for s in range(1, steps + 1)):
+        return None
+    return math.fsum(losses[s] for s in range(1, steps + 1)) / steps
 
 
 def _callbacks(out: Path):
@@ -500,10 +538,41 @@ class TrainResult:
     stats: dict[str, Any]
 
 
-def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
+def check_out(cfg: TrainConfig, out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an ``out`` that is not writable, holds a dataset or an experiment, or holds a
+    model of another run (another config, or a plain HF model); ``overwrite`` replaces a model instead. The same
+    config resumes (or, finished, re-saves) the same run."""
+    from pretag import folders, models
+
+    folders.check_dir(out)
+    folders.refuse_foreign(out, "model")
+    kind = folders.holds(out)
+    if kind is None:
+        return
+    if overwrite:
+        logger.warning("--overwrite: removing %s from %s", kind, out)
+        folders.clear_model_dir(out)
+        return
+    saved = out / models.TRAIN_FILE
+    if not saved.exists():
+        raise folders.FolderError(f"--out {str(out)!r} already holds {kind}, not a run of this command; use "
+                                  "--overwrite to replace it, or pick another --out")
+    try:
+        before = (yaml.safe_load(saved.read_text()) or {}).get("config", {})
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
+        raise folders.FolderError(f"{saved}: unreadable ({e}); use --overwrite to replace the model") from e
+    now = {k: v for k, v in cfg.to_dict().items() if k != "sources"}
+    diff = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+    if diff:
+        raise folders.FolderError(f"--out {str(out)!r} holds a run with a different config ({', '.join(diff)}); "
+                                  "resume needs the same command; use --overwrite to replace it, or pick a new --out")
+
+
+def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: bool = False) -> TrainResult:
     """Train ``cfg.model`` on the labeled dataset ``data`` with ``cfg.method``; write a model dir to ``out``.
 
     Running the same call again after a crash resumes from the last complete checkpoint in ``out/checkpoints``.
+    A folder holding anything else is refused (``overwrite=True`` replaces a previous model).
     """
     import torch
     from transformers import TrainingArguments, default_data_collator
@@ -513,16 +582,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
 
     t_start = time.perf_counter()
     out = Path(out)
+    check_out(cfg, out, overwrite)
     ckpt_dir = out / CHECKPOINTS
     resume = last_checkpoint(ckpt_dir)
     saved = out / models.TRAIN_FILE
-    if resume is not None and saved.exists():
-        before = yaml.safe_load(saved.read_text()).get("config", {})
-        now = {k: v for k, v in cfg.to_dict().items() if k != "sources"}
-        diff = [k for k in now if before.get(k) != now[k]]
-        if diff:
-            raise ValueError(f"{out} holds a run with a different config ({', '.join(diff)}); resume needs the same "
-                             "command, or pick a new --out")
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg, data, resume_from=resume)
     model, tokenizer = prep.model, prep.tokenizer
@@ -562,6 +625,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress)
+    if resume is not None and (resume / LOSSES_FILE).exists():
+        trainer.step_losses = {int(k): v for k, v in json.loads((resume / LOSSES_FILE).read_text()).items()}
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("training %s (%.2fM params) with %s for %d steps (%d tokens/step, %.1f epochs of %d tokens)%s",
                 cfg.model, n_params / 1e6, cfg.method, steps, tokens_per_step,
@@ -570,7 +635,11 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path) -> TrainResult:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_on else None
     speeds = [h["tokens_per_s"] for h in trainer.state.log_history if "tokens_per_s" in h]
-    res = TrainResult(out=out, steps=trainer.state.global_step, train_loss=result.training_loss, eval_loss=eval_loss,
+    train_loss = mean_step_loss(trainer.losses_as_floats(), trainer.state.global_step)
+    if train_loss is None:  # resumed from a checkpoint written before per-step losses were saved
+        train_loss = result.training_loss
+        logger.warning("train_loss: the mean of this session's steps only (%s has no %s)", resume, LOSSES_FILE)
+    res = TrainResult(out=out, steps=trainer.state.global_step, train_loss=train_loss, eval_loss=eval_loss,
                       tokens_per_s=sum(speeds) / len(speeds) if speeds else None, params=n_params,
                       resumed_from=resume.name if resume else None, stats=prep.stats)
     if trainer.is_world_process_zero():

@@ -248,3 +248,72 @@ def test_beta_auto_is_the_reward_spread_and_trains(data, tmp_path):
     res = train(cfg_for("rwr", beta="auto"), data, tmp_path / "rwr-auto")
     assert res.stats["beta"] > 0 and res.stats["beta"] != 1.0
     assert torch.isfinite(torch.tensor(res.train_loss))
+
+
+# ---- the output folder: never overwrite silently; resume reports the same summary (issue 11) -------------------
+def test_train_refuses_a_folder_holding_another_model_unless_overwrite(data, tmp_path):
+    """A second run into a trained model's folder replaced model.safetensors and the schema, with exit 0."""
+    out = tmp_path / "m"
+    train(cfg_for("mle"), data, out)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"holds a run with a different config \(method 'mle' -> 'conditional'"):
+        train(cfg_for("conditional"), data, out)
+    assert (out / "model.safetensors").read_bytes() == before
+    res = train(cfg_for("mle"), data, out)  # the same command: the same run, resumed (here: already finished)
+    assert res.resumed_from is not None and (out / "model.safetensors").exists()
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")  # a finished model, its checkpoints removed to save space
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="different config"):
+        train(cfg_for("mle", lr=0.5), data, out)
+    assert (out / "model.safetensors").read_bytes() == before
+    res = train(cfg_for("conditional"), data, out, overwrite=True)
+    assert res.resumed_from is None and res.steps == 4
+    assert "conditional" in (out / "pretag_train.yaml").read_text()
+    assert sorted(json.loads((out / "checkpoints" / "checkpoint-4" / "pretag_losses.json").read_text())) == \
+        ["1", "2", "3", "4"]
+
+
+def test_train_refuses_a_plain_hf_model_a_dataset_and_a_file(data, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(hf)
+    with pytest.raises(ValueError, match="holds a Hugging Face model"):
+        train(cfg_for("mle"), data, hf)
+    with pytest.raises(ValueError, match="holds a labeled dataset"):
+        train(cfg_for("mle"), data, data, overwrite=True)  # never, not even with --overwrite: it is the input
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train(cfg_for("mle"), data, tmp_path / "f")
+    with pytest.raises(ValueError, match="is a file, so no directory"):
+        train(cfg_for("mle"), data, tmp_path / "f" / "sub")
+    p = _cli("train", str(data), "--out", str(hf), "--model", "micro", "--tokens", "512")
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 2 and "Hugging Face model" in out and "--overwrite" in out and "Traceback" not in out
+
+
+def test_resumed_training_reports_the_same_summary_and_throughput_rows(data, tmp_path):
+    """Resumed from checkpoint-4 of 8 steps: HF's training_loss averaged only steps 5-8, and the first step
+    logged after the resume had no tokens_per_s row."""
+    import csv
+    import shutil
+
+    cfg = cfg_for("mle", tokens=8 * 4 * 32, logging_steps=2, save_steps=4, eval_steps=1000)
+    ref = train(cfg, data, tmp_path / "ref")
+    out = tmp_path / "resumed"
+    train(cfg, data, out)
+    shutil.rmtree(out / "checkpoints" / "checkpoint-8")  # as if killed between step 4 and step 8
+    (out / "model.safetensors").unlink()
+    res = train(cfg, data, out)
+    assert res.resumed_from == "checkpoint-4" and res.steps == ref.steps == 8
+    assert res.train_loss == ref.train_loss
+    assert res.eval_loss == pytest.approx(ref.eval_loss, rel=1e-6)
+
+    def rows(path):
+        with (path / "metrics.csv").open() as f:
+            return sorted((int(r["step"]), r["name"]) for r in csv.DictReader(f))
+
+    assert rows(out) == rows(tmp_path / "ref")
+    assert [s for s, n in rows(out) if n == "tokens_per_s"] == [2, 4, 6, 8]

@@ -25,7 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="size preset (micro, tiny, tiny-llama, small, gpt2-small), a HF model "
                    "directory, a .gguf file, or smollm2 (default: tiny)")
     p.add_argument("--tokens", type=_count, help="training budget in tokens, e.g. 2000000 or 2M (default 2M)")
-    p.add_argument("--out", required=True, help="output model directory (also holds checkpoints and logs)")
+    p.add_argument("--out", required=True, help="output model directory (also holds checkpoints and logs); a "
+                   "folder holding another run is refused, the same command resumes its run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model (pretag's or a plain HF one) already in --out instead of refusing")
     p.add_argument("--config", help="YAML config: keys of the training config, plus `methods: {name: {...}}`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable), e.g. --set lr=3e-4 --set threshold=0")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # keep one bar (training); no per-checkpoint "Writing model shards" bars
     try:
-        res = train(cfg, data, args.out)
+        res = train(cfg, data, args.out, overwrite=args.overwrite)
     except ValueError as e:
         raise UserError(str(e)) from None
     summary = {"out": str(res.out), "method": cfg.method, "model": cfg.model, "steps": res.steps,
