@@ -147,12 +147,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(path: Path, schema: Schema, docs: list[LabeledDoc]) -> None:
+INPUTS_KEY = b"pretag.inputs"  # Parquet metadata: a hash of the documents a shard was labeled from
+
+
+def inputs_hash(docs: Iterable[Document]) -> str:
+    """A hash of a shard's input documents (id, source, text, fields): a resumed run relabels a finished shard
+    whose inputs changed since (an edited source) instead of keeping its stale labels."""
+    h = hashlib.blake2b(digest_size=16)
+    for d in docs:
+        for part in (d.id, d.source, d.text, json.dumps(d.fields, sort_keys=True, default=str)):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
+
+
+def shard_inputs_hash(path: Path) -> str | None:
+    """The inputs hash a shard was written with (None: written before pretag recorded it)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return meta[INPUTS_KEY].decode() if INPUTS_KEY in meta else None
+
+
+def write_shard(path: Path, schema: Schema, docs: list[LabeledDoc], inputs: str | None = None) -> None:
     """Write one shard atomically: readers (and a resumed run) never see a half-written file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist([d.to_row(schema) for d in docs], schema=arrow_schema(schema))
+    if inputs is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), INPUTS_KEY: inputs.encode()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -258,7 +282,7 @@ def _label_shard(job: tuple[int, list[Document]]) -> tuple[int, int, int]:
     k, docs = job
     schema, scorers, out = _WORKER["schema"], _WORKER["scorers"], _WORKER["out"]
     labeled = label_documents(schema, docs, scorers)
-    write_shard(shard_path(out, k), schema, labeled)
+    write_shard(shard_path(out, k), schema, labeled, inputs_hash(docs))
     return k, len(docs), sum(len(d.segments) for d in labeled)
 
 
@@ -330,7 +354,7 @@ def run_ray(jobs: Iterator[tuple[int, list[Document]]], schema: Schema, out: Pat
             labeled = [LabeledDoc(r["text"], r["segments"], {a.name: r[f"score__{a.name}"] for a in schema.attributes},
                                   {a.name: r[f"tag__{a.name}"] for a in schema.attributes}, r["id"], r["source"],
                                   json.loads(r["fields"])) for r in rows]
-            write_shard(shard_path(out, k), schema, labeled)
+            write_shard(shard_path(out, k), schema, labeled, inputs_hash(docs))
             yield k, len(docs), sum(len(d.segments) for d in labeled)
 
     for job in jobs:
@@ -371,6 +395,10 @@ def label_corpus(source: str, schema: Schema | str | Path, out: str | Path, *, n
     problems += schema_scorer_problems(schema)
     if problems:
         raise ValueError("cannot label:\n  - " + "\n  - ".join(problems))
+    from pretag import folders
+
+    folders.check_dir(out)
+    folders.refuse_foreign(out, "dataset")  # a model dir (or an experiment) is never mixed with a dataset
     build_scorers(schema)  # fail now on a bad option (e.g. a missing model dir), not inside a worker
     corpus = open_corpus(source, text_column=text_column, exclude=exclude, include_all=include_all,
                          fallback_encoding=fallback_encoding)
@@ -381,14 +409,21 @@ def label_corpus(source: str, schema: Schema | str | Path, out: str | Path, *, n
     done = {p.name for p in prepare_out(out, cfg, schema, overwrite)}
     bar = tqdm(total=limit, unit="doc", desc=f"label {source}", disable=not progress, dynamic_ncols=True)
     resumed = written = 0
+    changed: list[str] = []
+    n_shards = 0
 
     def jobs() -> Iterator[tuple[int, list[Document]]]:
-        nonlocal resumed
+        nonlocal resumed, n_shards
         for k, docs in enumerate(iter_shards(_limited(corpus, limit), shard_size, shard_chars)):
-            if shard_path(out, k).name in done:
-                resumed += 1
-                bar.update(len(docs))
-                continue
+            n_shards = k + 1
+            path = shard_path(out, k)
+            if path.name in done:
+                was = shard_inputs_hash(path)
+                if was is None or was == inputs_hash(docs):  # None: a shard from before hashes; kept
+                    resumed += 1
+                    bar.update(len(docs))
+                    continue
+                changed.append(path.name)
             yield k, docs
 
     runner = run_ray if engine == "ray" else run_local
@@ -396,10 +431,21 @@ def label_corpus(source: str, schema: Schema | str | Path, out: str | Path, *, n
         written += 1
         bar.update(n_docs)
     bar.close()
+    gone = [p for p in shard_files(out) if int(p.stem.split("-")[1]) >= n_shards]
+    for p in gone:  # the source shrank: these shards' documents are no longer in it
+        p.unlink()
+    notes = []
+    if changed or gone:
+        notes.append(f"the source changed since {out} was labeled: relabeled {len(changed)} shard(s) whose "
+                     f"documents changed" + (f", removed {len(gone)} shard(s) past its end" if gone else ""))
+        logger.warning("%s", notes[-1])
     summary = summarize(out, schema)
     summary.update(source=source, out=str(out), engine=engine, num_proc=num_proc,
-                   shards={"total": len(shard_files(out)), "written": written, "resumed": resumed},
+                   shards={"total": len(shard_files(out)), "written": written, "resumed": resumed,
+                           "relabeled": len(changed), "removed": len(gone)},
                    corpus=corpus.report(), seconds=round(time.perf_counter() - t0, 3))
+    summary["corpus"].setdefault("notes", [])
+    summary["corpus"]["notes"] = [*summary["corpus"]["notes"], *notes]
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
     logger.info("labeled %d documents, %d segments into %s", summary["documents"], summary["segments"], out)
     return summary

@@ -211,3 +211,44 @@ def test_shipped_schemas_have_valid_scorers():
 
     for name in shipped_schemas():
         assert schema_scorer_problems(load_schema(name)) == [], name
+
+
+def test_relabeling_an_edited_source_relabels_the_changed_shards(tmp_path, caplog):
+    """Re-running the same command after editing a file kept the old shard's labels without a word."""
+    src = _write_corpus(tmp_path / "c")
+    schema = _schema_file(tmp_path, KW_SCHEMA)
+    out = tmp_path / "o"
+    label_corpus(str(src), schema, out, shard_size=2, progress=False)
+    s = label_corpus(str(src), schema, out, shard_size=2, progress=False)
+    assert s["shards"] == {"total": 3, "written": 0, "resumed": 3, "relabeled": 0, "removed": 0}
+    (src / "f3.txt").write_text("heck heck\n")  # shard 1 holds f2, f3
+    with caplog.at_level("WARNING", logger="pretag.label"):
+        s = label_corpus(str(src), schema, out, shard_size=2, progress=False)
+    assert s["shards"]["relabeled"] == 1 and s["shards"]["resumed"] == 2
+    assert any("source changed" in n for n in s["corpus"]["notes"]) and "relabeled 1 shard" in caplog.text
+    _, rows = load_labeled(out)
+    f3 = next(r for r in rows if r["id"] == "f3.txt")
+    assert f3["text"] == "heck heck\n" and f3["tag__rude"] == ["bad"]
+    for i in (4, 5):
+        (src / f"f{i}.txt").unlink()  # the source shrinks: the last shard's documents are gone
+    s = label_corpus(str(src), schema, out, shard_size=2, progress=False)
+    assert s["shards"]["removed"] == 1 and s["documents"] == 4
+    assert sorted(r["id"] for r in load_labeled(out)[1]) == ["f0.txt", "f1.txt", "f2.txt", "f3.txt"]
+
+
+def test_label_refuses_a_model_dir_and_a_file_as_out(tmp_path):
+    src = _write_corpus(tmp_path / "c")
+    schema = _schema_file(tmp_path, KW_SCHEMA)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "pretag_train.yaml").write_text("config: {}\n")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="already holds a pretag model"):
+            label_corpus(str(src), schema, model, overwrite=overwrite, progress=False)
+    assert sorted(p.name for p in model.iterdir()) == ["pretag_train.yaml"]
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        p = subprocess.run([sys.executable, "-m", "pretag", "label", str(src), "--schema", str(schema), "--out",
+                            str(out)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert "is a file" in p.stderr and len(p.stderr.strip().splitlines()) == 1
