@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 
 from pretag.schema import Schema, load_schema
-from pretag.tokens import add_tag_tokens, tag_ids
+from pretag.tokens import add_tag_tokens, protect_special_tokens, tag_ids
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,36 @@ def load_pretrained(source: str | Path):
         logger.info("loading GGUF %s (dequantised to float32)", p)
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
-        return model, tok
+        return strip_quantizer(model), tok
     if p.is_dir() and (p / "config.json").exists():
         return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32), AutoTokenizer.from_pretrained(p)
     raise FileNotFoundError(f"model {str(source)!r} is not a preset ({', '.join(PRESETS)}), a HF model directory "
                             "with config.json, a .gguf file, or 'smollm2'")
+
+
+def strip_quantizer(model):
+    """Forget that ``model`` came from a quantized file, once its weights are plain dense tensors.
+
+    transformers loads a GGUF through its GGUF "quantizer"; without a matmul kernel it dequantises every weight to
+    ``nn.Linear``/``nn.Embedding`` but leaves ``hf_quantizer``, ``is_quantized`` and ``config.quantization_config``
+    on the model. The Trainer then refuses to train it (``validate_quantization_for_training``: "quantization method
+    do not support training", or "purely quantized models" without LoRA) and ``save_pretrained`` refuses to save it.
+    A model still holding packed GGUF layers is left alone: those weights really are quantized.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    if getattr(quantizer, "packed_modules", None):
+        logger.warning("the model keeps %d GGUF-packed layers; it cannot be trained", len(quantizer.packed_modules))
+        return model
+    quantizer.remove_quantization_config(model)  # drops hf_quantizer, config.quantization_config, is_quantized
+    for attr in ("hf_quantizer", "quantization_method"):  # in case a later transformers leaves one behind
+        if attr in vars(model):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    return model
 
 
 def add_tags_to_model(model, tokenizer, schema: Schema) -> list[int]:
@@ -202,6 +227,11 @@ def load_model_dir(path: str | Path, dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     tag_ids(tokenizer, schema)  # fail now, not at generation time, if the tags are missing
+    if protect_special_tokens(tokenizer):  # written before pretag saved split_special_tokens: protect it here
+        logger.warning("%s: its tokenizer_config.json lacks \"split_special_tokens\": true, so a plain "
+                       "AutoTokenizer.from_pretrained of this directory encodes text such as '<|bad|>' as the tag; "
+                       "pretag's loader protects it, and pretag.tokens.upgrade_tokenizer_config(dir) fixes the file",
+                       path)
     return model, tokenizer, schema
 
 
