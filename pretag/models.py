@@ -100,6 +100,9 @@ def load_pretrained(source: str | Path):
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
         return strip_quantizer(model), tok
+    if p.is_dir() and (p / ADAPTER_FILE).exists() and (p / SCHEMA_FILE).exists():  # a LoRA run saved small
+        model, tok, _ = load_model_dir(p)
+        return model, tok
     if p.is_dir() and (p / "config.json").exists():
         return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32), AutoTokenizer.from_pretrained(p)
     raise FileNotFoundError(f"model {str(source)!r} is not a preset ({', '.join(PRESETS)}), a HF model directory "
@@ -131,30 +134,92 @@ def strip_quantizer(model):
     return model
 
 
-def add_tags_to_model(model, tokenizer, schema: Schema) -> list[int]:
-    """Add the schema's tag tokens to ``tokenizer`` and ``model``; new embeddings start at the mean of the old ones.
+# Words whose embeddings a new tag starts from (``tag_init: words``), by attribute name, then by value. A lone
+# binary attribute's tags are <|good|>/<|bad|>; the schema's own tag names (``profane``, ``clean``) are tried too.
+TAG_WORDS: dict[str, dict[str, list[str]]] = {
+    "*": {"good": ["good", "clean", "polite", "safe", "fine"],
+          "bad": ["bad", "offensive", "profane", "rude", "toxic", "vulgar"]},
+    "pep8": {"good": ["good", "clean", "neat", "tidy", "correct"], "bad": ["bad", "messy", "sloppy", "ugly", "wrong"]},
+    "pii": {"good": ["anonymous", "public", "safe"], "bad": ["private", "personal", "address", "phone", "email"]},
+    "sentiment": {"good": ["positive", "happy", "good", "kind"], "bad": ["negative", "sad", "bad", "angry"]},
+    "readability": {"good": ["simple", "easy", "plain", "clear"], "bad": ["difficult", "complex", "hard"]},
+}
+TAG_INITS = ("words", "mean")
 
-    The mean (not random) init, from the paper's code, makes a new tag a neutral token at first: it does not
-    perturb the pretrained model before training has taught it what the tag means. Returns the new tag ids.
+
+def tag_init_words(schema: Schema, words: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Tag token -> the words its embedding starts from: ``words[tag name]`` if given, else ``TAG_WORDS`` for the
+    attribute (or the generic good/bad lists), plus the tag name itself when it is a word (``profane``)."""
+    words = words or {}
+    unknown = sorted(set(words) - set(schema.tag_names))
+    if unknown:
+        raise ValueError(f"tag_words: unknown tag(s) {', '.join(unknown)}; schema {schema.name!r} has tags: "
+                         f"{', '.join(schema.tag_names)}")
+    out = {}
+    for tag in schema.tag_names:
+        attr, value = schema.attribute_of_tag(tag)
+        if tag in words:
+            ws = list(words[tag])
+        else:
+            ws = list(TAG_WORDS.get(attr.name, TAG_WORDS["*"]).get(value, []))
+            if tag.isalpha() and tag not in ws:
+                ws.append(tag)
+        out[schema.open_token(tag)] = ws
+        if schema.close_token(tag) is not None:
+            out[schema.close_token(tag)] = ws
+    return out
+
+
+def word_ids(tokenizer, words: list[str]) -> list[int]:
+    """Ids of the words that are one token each in ``tokenizer``, as they appear mid-sentence (`` bad``);
+    a word split into pieces (`` prof`` + ``ane``) is skipped: the mean of its pieces does not mean the word."""
+    from pretag.tokens import encode_text
+
+    ids = []
+    for w in words:
+        enc = encode_text(tokenizer, w if w.startswith(" ") else " " + w)
+        if len(enc) == 1 and enc[0] not in ids:
+            ids.append(enc[0])
+    return ids
+
+
+def add_tags_to_model(model, tokenizer, schema: Schema, init: str = "words",
+                      words: dict[str, list[str]] | None = None) -> list[int]:
+    """Add the schema's tag tokens to ``tokenizer`` and ``model``; returns the ids of the new embedding rows.
+
+    ``init="words"``: a new tag's row (input and, if untied, output embedding) is the mean of the rows of words that
+    mean it (``<|bad|>`` from `` bad``, `` offensive``, ...; see :func:`tag_init_words`), so the pretrained model
+    already reads the tag roughly as intended and training only sharpens it. A tag none of whose words is a single
+    token falls back to ``init="mean"``: the mean of all existing rows (the paper's code), a neutral token that does
+    not perturb the model before training has taught it what the tag means.
+    Rows are also (re)initialised for tags the tokenizer already has but the model lacks (a resumed run).
     """
-    new_tokens = add_tag_tokens(tokenizer, schema)
-    if not new_tokens:
+    if init not in TAG_INITS:
+        raise ValueError(f"tag_init must be one of {', '.join(TAG_INITS)}, got {init!r}")
+    add_tag_tokens(tokenizer, schema)
+    n_old = model.get_input_embeddings().weight.shape[0]
+    tokens = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
+    new = {t: i for t, i in tokens.items() if i >= n_old}
+    if not new:
         return []
-    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in new_tokens]
-    emb = model.get_input_embeddings()
-    n_old = emb.weight.shape[0]
-    if len(tokenizer) > n_old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     keep = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
-    keep[new_ids] = False
     keep[n_old:] = False  # rows past the old matrix are not "existing" embeddings
+    by_tag = tag_init_words(schema, words) if init == "words" else {}
+    sources = {t: [i for i in word_ids(tokenizer, by_tag.get(t, [])) if i < n_old] for t in new}
+    layers = {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     with torch.no_grad():
-        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                      if m is not None}.values():
+        for layer in layers.values():
             w = layer.weight
-            w[new_ids] = w[keep].mean(0)
-    logger.info("added %d tag tokens (ids %s) with mean-initialised embeddings", len(new_ids), new_ids)
-    return new_ids
+            mean = w[keep].mean(0)
+            w[n_old:] = mean  # any other new row (a pad token added with the tags) too: deterministic on reload
+            for t, i in new.items():
+                w[i] = w[sources[t]].mean(0) if sources[t] else mean
+    for t, i in new.items():
+        how = ("words " + ", ".join(repr(tokenizer.convert_ids_to_tokens(j)) for j in sources[t]) if sources[t]
+               else "the mean embedding")
+        logger.info("tag %s (id %d) starts from %s", t, i, how)
+    return sorted(new.values())
 
 
 def attach_value_head(model) -> nn.Linear:
@@ -192,31 +257,68 @@ def is_peft(model) -> bool:
     return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
 
 
-def save_model_dir(model, tokenizer, schema: Schema, train_config: dict[str, Any], out: str | Path) -> Path:
-    """Write a model directory: HF model + tokenizer, the schema and the training config (LoRA merged)."""
+ADAPTER_FILE = "adapter_config.json"  # peft's name; its presence makes a model dir an adapter dir
+
+
+def save_model_dir(model, tokenizer, schema: Schema, train_config: dict[str, Any], out: str | Path, *,
+                   base: str | None = None, merge: bool = False) -> Path:
+    """Write a model directory: the model + tokenizer, the schema and the training config.
+
+    A LoRA model (peft) is saved *small* unless ``merge``: the adapter only (``adapter_config.json``,
+    ``adapter_model.safetensors``: the LoRA matrices and the trained tag rows of the embedding), with its base
+    (``base``, default the config's ``model``: ``smollm2``, a .gguf file or a model dir) recorded as ``base:`` in
+    ``pretag_train.yaml``; :func:`load_model_dir` rebuilds it over that base. ``merge=True`` (or an adapter whose
+    base is unknown) writes the merged full model, which plain ``AutoModelForCausalLM.from_pretrained`` loads.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     head = getattr(model, VALUE_HEAD, None)
     if head is not None:
         torch.save(head.state_dict(), out / "value_head.pt")  # kept for analysis; not part of the LM
     detach_value_head(model)
+    base = base or (train_config.get("config") or {}).get("model")
+    small = is_peft(model) and not merge and base is not None
     try:
-        plain = model.merge_and_unload() if is_peft(model) else model
-        plain.save_pretrained(out)
+        if small:
+            # the tag rows live in the adapter (trainable_token_indices), so the 49k-row embedding is not saved
+            model.save_pretrained(out, save_embedding_layers=False)
+            p = Path(base)
+            train_config = {**train_config, "base": str(p.resolve()) if p.exists() else str(base)}
+        else:
+            plain = model.merge_and_unload() if is_peft(model) else model
+            plain.save_pretrained(out)
     finally:
         if head is not None:
             setattr(model, VALUE_HEAD, head)
+    for stale in ((["model.safetensors", "config.json"] if small else [ADAPTER_FILE, "adapter_model.safetensors"])):
+        (out / stale).unlink(missing_ok=True)  # a directory holds one kind of model, never both
     tokenizer.save_pretrained(out)
     schema.save(out / SCHEMA_FILE)
     (out / TRAIN_FILE).write_text(yaml.safe_dump(train_config, sort_keys=False))
     return out
 
 
-def load_model_dir(path: str | Path, dtype: str = "float32"):
+def _load_adapter(path: Path, tokenizer, schema: Schema, merge: bool):
+    """Base model (from ``base:`` in pretag_train.yaml) + the tag rows + the LoRA adapter saved in ``path``."""
+    from peft import PeftModel
+
+    saved = yaml.safe_load((path / TRAIN_FILE).read_text()) or {}
+    conf = saved.get("config") or {}
+    base = saved.get("base") or conf.get("model")
+    if base is None:
+        raise FileNotFoundError(f"{path}: an adapter directory whose {TRAIN_FILE} names no base model")
+    model, _ = load_pretrained(base)
+    add_tags_to_model(model, tokenizer, schema, init=conf.get("tag_init", "mean"), words=conf.get("tag_words"))
+    model = PeftModel.from_pretrained(model, path)
+    return model.merge_and_unload() if merge else model
+
+
+def load_model_dir(path: str | Path, dtype: str = "float32", merge: bool = True):
     """(model, tokenizer, schema) from a directory written by ``pretag train``.
 
     Weights are cast to ``dtype`` (float32 by default, so log-probabilities are exact even when a checkpoint is
-    stored in bf16 to keep it small, as the demo's are); pass ``"auto"`` to keep the stored dtype.
+    stored in bf16 to keep it small, as the demo's are); pass ``"auto"`` to keep the stored dtype. An adapter
+    directory (LoRA, saved small) is rebuilt over its installed base and merged (``merge=False``: the peft model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -224,8 +326,13 @@ def load_model_dir(path: str | Path, dtype: str = "float32"):
     if not (path / SCHEMA_FILE).exists():
         raise FileNotFoundError(f"{path}: no {SCHEMA_FILE}; is this a model directory written by `pretag train`?")
     schema = load_schema(path / SCHEMA_FILE)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / ADAPTER_FILE).exists():
+        model = _load_adapter(path, tokenizer, schema, merge)
+        if dtype != "auto":
+            model = model.to(getattr(torch, dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     tag_ids(tokenizer, schema)  # fail now, not at generation time, if the tags are missing
     if protect_special_tokens(tokenizer):  # written before pretag saved split_special_tokens: protect it here
         logger.warning("%s: its tokenizer_config.json lacks \"split_special_tokens\": true, so a plain "

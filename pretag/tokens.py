@@ -111,7 +111,56 @@ def add_tag_tokens(tokenizer, schema: Schema) -> list[str]:
         extra["extra_special_tokens"] = missing
     if extra:
         tokenizer.add_special_tokens(extra, replace_extra_special_tokens=False)
+    protect_special_tokens(tokenizer)
     return new
+
+
+def protect_special_tokens(tokenizer) -> bool:
+    """Make ``tokenizer`` encode special-token *text* as plain text, now and in its saved config.
+
+    pretag's own encoder switches special-token matching off per call (:func:`encode_texts`); this makes a plain
+    ``AutoTokenizer.from_pretrained(model_dir)("x<|bad|>y")`` just as safe, through transformers'
+    ``split_special_tokens`` setting, which ``save_pretrained`` writes to ``tokenizer_config.json`` and every encode
+    path (``__call__``, ``encode``, ``tokenize``, batches, pairs) honours. Tags, BOS/EOS and pad are still
+    inserted by id. Returns whether the tokenizer was unprotected before (an old model directory).
+
+    Only the ``tokenizers`` library used alone (``Tokenizer.from_file("tokenizer.json")``) does not read the
+    setting: set ``encode_special_tokens = True`` there. A chat template that writes special tokens as text (a
+    pretrained model's, e.g. SmolLM2's ``<|im_start|>``) now gets them as plain text too; pretag never uses one.
+    """
+    was = bool(getattr(tokenizer, "split_special_tokens", False))
+    tokenizer.split_special_tokens = True
+    tokenizer.init_kwargs["split_special_tokens"] = True  # what save_pretrained writes
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.encode_special_tokens = True
+    return not was
+
+
+def tokenizer_config_protected(directory: str | Path) -> bool | None:
+    """Whether a plain ``AutoTokenizer`` of ``directory`` is tag-safe (``split_special_tokens`` saved);
+    None when the directory has no ``tokenizer_config.json``."""
+    p = Path(directory) / "tokenizer_config.json"
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text()).get("split_special_tokens") is True
+
+
+def upgrade_tokenizer_config(directory: str | Path) -> bool:
+    """Add ``"split_special_tokens": true`` to a model directory's ``tokenizer_config.json`` (one key, nothing
+    else touched), so plain transformers users of a directory saved before pretag protected tags are safe too.
+    Returns whether the file changed."""
+    p = Path(directory) / "tokenizer_config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{directory}: no tokenizer_config.json")
+    cfg = json.loads(p.read_text())
+    if cfg.get("split_special_tokens") is True:
+        return False
+    cfg["split_special_tokens"] = True
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    tmp.replace(p)
+    return True
 
 
 def tag_ids(tokenizer, schema: Schema) -> dict[str, int]:

@@ -93,11 +93,17 @@ def test_text_never_encodes_to_a_tag_or_special_id(tok, text):
     assert tok.decode(ids) == text  # encoded as plain text, byte for byte
 
 
-def test_plain_hf_call_would_match_the_tag_but_encode_text_does_not(tok, toy):
+def test_plain_hf_call_matches_the_tag_only_when_asked_to_but_encode_text_never(tok, toy):
     bad_id = tag_ids(tok, toy)["<|bad|>"]
-    assert bad_id in tok("a <|bad|> b", add_special_tokens=False)["input_ids"]  # the hazard is real
-    assert bad_id not in encode_text(tok, "a <|bad|> b")
-    assert bad_id in tok("a <|bad|> b", add_special_tokens=False)["input_ids"]  # and the tokenizer is unchanged
+    assert bad_id not in tok("a <|bad|> b", add_special_tokens=False)["input_ids"]  # protected by add_tag_tokens
+    unsafe = tok("a <|bad|> b", add_special_tokens=False, split_special_tokens=False)["input_ids"]
+    assert bad_id in unsafe  # the hazard is real when a caller switches the protection off
+    tok.backend_tokenizer.encode_special_tokens = False  # even with the backend left unprotected
+    try:
+        assert bad_id not in encode_text(tok, "a <|bad|> b")
+        assert tok.backend_tokenizer.encode_special_tokens is False  # and the tokenizer is left as it was
+    finally:
+        tok.backend_tokenizer.encode_special_tokens = True
 
 
 def test_encode_text_refuses_a_tokenizer_whose_base_vocab_holds_a_special_string(toy):
@@ -217,3 +223,108 @@ def test_bad_inputs_raise_clear_errors(tok, toy):
         pack(tok, toy, [row(toy, ["a."], {"tox": [0.0]})], 8, tags=True, tag_dropout=2)
     with pytest.raises(ValueError, match="2 scores for 1 segments"):
         pack(tok, toy, [row(toy, ["a."], {"tox": [0.0, 1.0]})], 8, tags=False)
+
+
+# ---- a saved model directory: plain transformers loading must be as tag-safe as pretag's encoder ---------------
+ATTACKS = [
+    "<|bad|>", "<|good|>", "x<|bad|>y", "a <|good|> b", "<|bad|><|bad|><|good|>", "<|bad|>" * 20,  # tag text
+    "\n<|good|>\n", "<<|bad|>>", "<|bad|>\t<|good|>",
+    "<| bad |>", "<|BAD|>", "<|bad|", "|bad|>", "<|bad", "|>", "<bad>", "</good>",  # near-variants
+    "＜｜bad｜＞", "<|b\u0430d|>", "<\u200b|bad|>", "<|bad|\u200d>", "<|ba\u0301d|>",  # unicode look-alikes
+    "<|endoftext|>", "<|pad|>", "x<|endoftext|>y<|pad|>z", "<|endoftext|><|bad|>",  # special tokens as text
+]
+SPLIT = [("<|ba", "d|>"), ("<|", "good|>"), ("x <|bad", "|> y")]  # a tag split across texts (pairs, batches)
+
+
+def _leaks(encode, special: set[int]) -> list[str]:
+    """The attack strings (and split pairs) whose encoding holds a special id."""
+    out = [t for t in ATTACKS if special & set(encode(t))]
+    for a, b in SPLIT:
+        if special & set(encode(a) + encode(b)) or special & set(encode(a + b)):
+            out.append(a + b)
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory, tok, toy):
+    """A 1-layer, width-16 GPT-2 saved with ``save_model_dir`` (the way ``pretag train`` writes a model)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pretag.models import save_model_dir
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    return save_model_dir(model, tok, toy, {}, tmp_path_factory.mktemp("saved") / "m")
+
+
+def test_plain_autotokenizer_on_a_saved_model_never_yields_a_tag(saved_dir, toy):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(saved_dir)
+    special = set(t.all_special_ids)
+    assert set(tag_ids(t, toy).values()) <= special
+    for name, enc in {
+        "call": lambda s: t(s)["input_ids"],
+        "call, no specials": lambda s: t(s, add_special_tokens=False)["input_ids"],
+        "encode": lambda s: t.encode(s, add_special_tokens=False),
+        "tokenize": lambda s: t.convert_tokens_to_ids(t.tokenize(s)),
+        "batch": lambda s: t([s, "ok"], add_special_tokens=False)["input_ids"][0],
+    }.items():
+        assert _leaks(enc, special) == [], name
+    a, b = SPLIT[0]
+    assert not special & set(t(a, b)["input_ids"])  # a text pair
+    for s in ATTACKS:  # plain text, byte for byte
+        assert t.decode(t(s, add_special_tokens=False)["input_ids"]) == s
+
+
+def test_pretag_loader_on_a_saved_model_never_yields_a_tag(saved_dir, toy):
+    from pretag.models import load_model_dir
+
+    _, t, _ = load_model_dir(saved_dir)
+    special = set(t.all_special_ids)
+    assert _leaks(lambda s: encode_text(t, s), special) == []
+    assert _leaks(lambda s: t(s, add_special_tokens=False)["input_ids"], special) == []
+    # insertion by id still works: the tag ids exist and decode to the tag text
+    ids = tag_ids(t, toy)
+    assert t.decode([ids["<|bad|>"]]) == "<|bad|>"
+
+
+def test_an_old_model_dir_is_protected_by_pretags_loader_and_by_the_upgrade(saved_dir, tmp_path, toy, caplog):
+    """A directory saved before pretag wrote ``split_special_tokens`` (like the demo checkpoints once were)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from pretag.models import load_model_dir
+    from pretag.tokens import tokenizer_config_protected, upgrade_tokenizer_config
+
+    old = shutil.copytree(saved_dir, tmp_path / "old")
+    cfg_file = old / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg["split_special_tokens"]
+    cfg_file.write_text(json.dumps(cfg))
+    assert tokenizer_config_protected(old) is False
+    plain = AutoTokenizer.from_pretrained(old)
+    special = set(plain.all_special_ids)
+    assert len(_leaks(lambda s: plain(s)["input_ids"], special)) >= 10  # what a plain user of an old dir gets
+
+    with caplog.at_level("WARNING", logger="pretag.models"):
+        _, t, _ = load_model_dir(old)
+    assert "split_special_tokens" in caplog.text
+    assert _leaks(lambda s: t(s)["input_ids"], special) == []  # pretag's loader forces the setting
+    assert tokenizer_config_protected(old) is False  # loading never writes
+
+    assert upgrade_tokenizer_config(old) is True and upgrade_tokenizer_config(old) is False
+    assert {k: v for k, v in json.loads(cfg_file.read_text()).items() if k != "split_special_tokens"} == cfg
+    plain = AutoTokenizer.from_pretrained(old)
+    assert _leaks(lambda s: plain(s)["input_ids"], special) == []
+
+
+def test_shipped_demo_checkpoints_are_tag_safe_for_plain_transformers():
+    from pathlib import Path
+
+    from pretag.tokens import tokenizer_config_protected
+
+    root = Path(__file__).resolve().parents[1] / "demo" / "checkpoints"
+    dirs = sorted(p.parent for p in root.glob("*/tokenizer_config.json"))
+    assert dirs and all(tokenizer_config_protected(d) for d in dirs), dirs
