@@ -468,6 +468,56 @@ def pretag_logprobs(model, tokenizer, schema, texts: Sequence[str], policy=None,
     return [s for s, _ in token_logprobs(model, docs, start_id=start_token_id(tokenizer), batch_size=batch_size)]
 
 
+# ---- context: prompt + samples must fit -------------------------------------------------------------------
+def check_sampling_context(model, tokenizer, schema, policy, max_new_tokens: int, reference=None) -> None:
+    """Raise ``pretag.generate.ContextLengthError`` now if the unconditional samples (start token and tags, then
+    ``max_new_tokens``) would not fit in the model's context, or in a local reference model's (read from its
+    ``config.json`` without loading it), instead of failing after minutes of sampling."""
+    from pretag.generate import check_context, prompt_ids
+
+    check_context(model, len(prompt_ids(tokenizer, schema, policy, "")), max_new_tokens, what="sample prompt")
+    ref = Path(str(reference)) if reference is not None else None
+    if ref is not None and (ref / "config.json").is_file():
+        from transformers import AutoConfig
+
+        from pretag.models import SCHEMA_FILE
+        from pretag.schema import load_schema
+
+        # a pretag reference starts with its document and segment tags, a plain one with one start token
+        n_tags = len(load_schema(ref / SCHEMA_FILE).attributes) if (ref / SCHEMA_FILE).exists() else 0
+        try:
+            cfg = AutoConfig.from_pretrained(ref)
+        except (OSError, ValueError):
+            return  # loading the reference will say what is wrong with it
+        check_context(cfg, 1 + n_tags, max_new_tokens, what=f"reference {ref} sample prompt")
+
+
+def fit_prompts(model, tokenizer, schema, policy, prompts: Sequence[str], max_new_tokens: int
+                ) -> tuple[list[str], int]:
+    """Cut each prompt from the left (the end is what leads the model on) until it and ``max_new_tokens`` fit in
+    the model's context; returns (prompts, how many were cut). Red-team prompts are document prefixes, some long."""
+    from pretag.generate import context_limit, prompt_ids
+
+    ctx = context_limit(model)
+    if ctx is None:
+        return list(prompts), 0
+
+    def fits(p: str) -> bool:
+        return len(prompt_ids(tokenizer, schema, policy, p)) + max_new_tokens <= ctx
+
+    out, cut = [], 0
+    for p in prompts:
+        if not fits(p):
+            lo, hi = 1, len(p)  # the smallest start index whose suffix fits (hi = the empty suffix always fits)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(p[mid:]) else (mid + 1, hi)
+            p, cut = p[lo:], cut + 1
+        if p:
+            out.append(p)
+    return out, cut
+
+
 # ---- everything, for one model directory ------------------------------------------------------------------
 def heldout_rows(model_dir: str | Path, data: str | Path, n: int | None = None) -> list[dict]:
     """The documents ``pretag train`` held out of this model's training (same hash split), else all of ``data``
@@ -520,6 +570,7 @@ def evaluate_model(
     model.eval()
     tagged = uses_tags(model_dir)
     pol = load_policy(policy, schema) if policy is not None else sampling_policy(schema, tagged)
+    check_sampling_context(model, tok, schema, pol, max_new_tokens, reference)  # before any sampling
     boot = {"n_resamples": n_resamples, "seed": seed}
     res: dict = {"model": str(model_dir), "schema": schema.name, "tagged": tagged, "policy": pol.to_dict(),
                  "settings": {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
@@ -560,11 +611,12 @@ def evaluate_model(
                        "tagged": lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size)}
         if tagged:
             res["self_tagging"] = self_tagging(model, tok, schema, held, batch_size=batch_size)
-        prompts = redteam_prompts(schema, held, redteam_n)
+        prompts, n_trimmed = fit_prompts(model, tok, schema, pol, redteam_prompts(schema, held, redteam_n),
+                                         max_new_tokens)
         if prompts:
             rt = generate_samples(model, tok, schema, pol, prompts, max_new_tokens=max_new_tokens,
                                   temperature=temperature, batch_size=batch_size, seed=seed + 104729)
-            res["redteam"] = {"n_prompts": len(prompts), "misalignment": score_samples(schema, rt, **boot)[0],
+            res["redteam"] = {"n_prompts": len(prompts), "n_trimmed": n_trimmed, "misalignment": score_samples(schema, rt, **boot)[0],
                               "examples": [{"prompt": s.prompt, "continuation": s.text} for s in rt[:keep_samples]]}
     res["wall_s"] = time.perf_counter() - t0
     log.info("evaluated %s in %.1fs", model_dir, res["wall_s"])

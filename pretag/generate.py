@@ -146,6 +146,37 @@ def prompt_ids(tokenizer, schema: Schema, policy: TagPolicy, prompt: str) -> lis
     return ids
 
 
+class ContextLengthError(ValueError):
+    """The prompt and the tokens asked for do not fit in the model's context (positions past it do not exist)."""
+
+
+def context_limit(model_or_config) -> int | None:
+    """How many positions the model has (GPT-2 ``n_positions``, Llama ``max_position_embeddings``); None when its
+    config does not say."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_context(model, prompt_tokens: int, max_new_tokens: int, *, what: str = "prompt") -> None:
+    """Refuse, before any work, a generation that would run past the model's context: a position beyond it has no
+    embedding, and HF ``generate`` fails there with ``IndexError: index out of range in self``. pretag rejects
+    rather than sliding the window, so a sample is never conditioned on a silently truncated prompt."""
+    ctx = context_limit(model)
+    if ctx is None or prompt_tokens + max_new_tokens <= ctx:
+        return
+    room = ctx - prompt_tokens
+    fix = (f"ask for at most {room} new tokens (max_new_tokens, --max-new-tokens) or shorten the {what}" if room > 0
+           else f"shorten the {what}")
+    raise ContextLengthError(f"{what} of {prompt_tokens} tokens (tags included) + {max_new_tokens} new tokens = "
+                             f"{prompt_tokens + max_new_tokens} exceeds the model's context of {ctx} tokens; {fix}")
+
+
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
@@ -235,6 +266,7 @@ def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
     ids, mask = _left_pad([rendered[p] for p in prompts], pad)
     with torch.no_grad():
         out = model.generate(ids.to(device), attention_mask=mask.to(device), logits_processor=[proc],
+    check_context(model, max(len(r) for r in rendered.values()), cfg.max_new_tokens)
                              stopping_criteria=[AlarmStop(proc), *stopping_criteria], streamer=streamer,
                              **_hf_kwargs(cfg, tokenizer))
     start = ids.shape[1]
@@ -500,6 +532,7 @@ def tree_search(model, tokenizer, schema: Schema, prompt: str, policy=None, conf
     log = []
     made = 0
     step_cfg = GenerateConfig(**{**asdict(cfg), "n": 1, "do_sample": True, "seed": None, "classify": False})
+    check_context(model, len(base), cfg.max_new_tokens)
     while live and made < cfg.max_new_tokens:
         step_cfg.max_new_tokens = min(chunk, cfg.max_new_tokens - made)
         proc = TagProcessor(tokenizer, schema, policy, repetition_penalty=cfg.repetition_penalty)

@@ -172,6 +172,29 @@ def tag_ids(tokenizer, schema: Schema) -> dict[str, int]:
     return ids
 
 
+def text_problem(text: Any, what: str = "text") -> str | None:
+    """Why ``text`` cannot be tokenized, or None. Python keeps undecodable bytes of argv (``--prompt
+    "$(printf 'a\\xffb')"``) and of JSON (``"a\\ud800b"``) as lone surrogates, which no tokenizer accepts."""
+    if not isinstance(text, str):
+        return f"{what} must be a string, got {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the original byte, as the shell passed it
+            return f"{what} is not valid UTF-8 (byte 0x{code - 0xDC00:02x} at character {e.start})"
+        return f"{what} is not valid Unicode (lone surrogate U+{code:04X} at character {e.start})"
+    return None
+
+
+def check_text(text: Any, what: str = "text") -> str:
+    """``text`` itself if it can be tokenized; else ValueError naming the first bad character."""
+    problem = text_problem(text, what)
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Encode user or corpus text so that it can never produce a tag (or any special) token id.
 
@@ -191,6 +214,10 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     backend.encode_special_tokens = True
     try:
         encs = backend.encode_batch(list(texts), add_special_tokens=False)
+    except TypeError:  # tokenizers' "TextEncodeInput must be ..." for a str that is not valid Unicode
+        for t in texts:
+            check_text(t)
+        raise
     finally:
         backend.encode_special_tokens = before
     out = [e.ids for e in encs]

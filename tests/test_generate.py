@@ -230,3 +230,45 @@ def test_stop_at_eos_false_makes_exactly_max_new_tokens(tiny):
         else:
             assert ids_a == ids_b[: len(ids_a)]
     assert ended, "no sample reached EOS: the comparison proved little"
+
+
+def test_prompt_plus_new_tokens_past_the_context_is_refused_up_front(tiny):
+    """Issue 11 item 8: the tiny model has 64 positions; before, HF generate died with an IndexError."""
+    from pretag.control import load_policy
+    from pretag.generate import ContextLengthError, prompt_ids
+
+    model, tok, schema, _ = tiny
+    n = len(prompt_ids(tok, schema, load_policy(None, schema), "x = 1\n"))
+    with pytest.raises(ContextLengthError, match=rf"{n} tokens .* \+ 100 new tokens = {n + 100} exceeds the model's "
+                                                 rf"context of 64 tokens; ask for at most {64 - n} new tokens"):
+        generate(model, tok, schema, "x = 1\n", None, GenerateConfig(max_new_tokens=100))
+    with pytest.raises(ContextLengthError, match="shorten the prompt"):
+        generate(model, tok, schema, ["x", "y = 2\n" * 40], None, GenerateConfig(max_new_tokens=1))
+    with pytest.raises(ContextLengthError):
+        tree_search(model, tok, schema, "x = 1\n", None, GenerateConfig(n=2, max_new_tokens=100))
+    with pytest.raises(ContextLengthError):
+        list(stream(model, tok, schema, "x = 1\n", None, GenerateConfig(max_new_tokens=100)))
+    # exactly the context is fine: every position is used
+    res = generate(model, tok, schema, "x = 1\n", None, GenerateConfig(max_new_tokens=64 - n, stop_at_eos=False))
+    assert len(res.sequences[0].tokens) == 64 - n
+
+
+def test_cli_context_and_invalid_utf8_are_one_line_errors(tiny, tmp_path, capsys):
+    """Items 8 and 9: `--max-new-tokens` past the context, and a prompt that is not UTF-8 (the shell's bytes
+    reach Python as surrogate escapes), end with one clear line, never a traceback."""
+    model, tok, schema, _ = tiny
+    from pretag.cli import main
+    from pretag.models import save_model_dir
+
+    d = save_model_dir(model, tok, schema, {"test": True}, tmp_path / "m")
+    rc = main(["generate", str(d), "--prompt", "x", "--max-new-tokens", "300", "--no-classify"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "pretag generate: error: prompt of 3 tokens (tags included) + 300 new tokens = 303 exceeds the model's "
+        "context of 64 tokens; ask for at most 61 new tokens (max_new_tokens, --max-new-tokens) or shorten the prompt"]
+    rc = main(["generate", str(d), "--prompt", "a\udcffb", "--no-classify"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--prompt is not valid UTF-8 (byte 0xff at character 1)" in err
+    rc = main(["tokenize", str(d), "--text", "a\udcffb"])
+    assert rc == 2 and "--text is not valid UTF-8" in capsys.readouterr().err

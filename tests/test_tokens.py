@@ -328,3 +328,40 @@ def test_shipped_demo_checkpoints_are_tag_safe_for_plain_transformers():
     root = Path(__file__).resolve().parents[1] / "demo" / "checkpoints"
     dirs = sorted(p.parent for p in root.glob("*/tokenizer_config.json"))
     assert dirs and all(tokenizer_config_protected(d) for d in dirs), dirs
+
+
+def test_text_that_is_not_unicode_is_a_clear_value_error(tok):
+    """Issue 11 item 9: tokenizers raised ``TypeError: TextEncodeInput must be ...`` for these."""
+    with pytest.raises(ValueError, match=r"text is not valid UTF-8 \(byte 0xff at character 1\)"):
+        encode_text(tok, "a\udcffb")  # what Python makes of the bytes a\xffb in argv
+    with pytest.raises(ValueError, match=r"lone surrogate U\+D800 at character 1"):
+        encode_text(tok, "a\ud800b")  # JSON "a\ud800b"
+    assert encode_text(tok, "a\u00ffb")  # the character ÿ itself is fine
+
+
+def test_tokenize_cli_with_invalid_utf8_bytes_is_one_line(saved_dir):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pretag", "tokenize", str(saved_dir), "--text", b"a\xffb"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "pretag tokenize: error: --text is not valid UTF-8 (byte 0xff at character 1)"
+
+
+def test_tokenize_cli_reports_and_upgrades_an_old_dir(saved_dir, tmp_path, capsys):
+    import shutil
+
+    from pretag.cli import main
+
+    old = shutil.copytree(saved_dir, tmp_path / "old")
+    cfg = json.loads((old / "tokenizer_config.json").read_text())
+    del cfg["split_special_tokens"]
+    (old / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert main(["tokenize", str(old), "--text", "<|bad|>", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plain_autotokenizer_tag_safe"] is False and out["tag_ids_in_text"] == []
+    assert main(["tokenize", str(old), "--text", "<|bad|>", "--upgrade"]) == 0
+    assert "split_special_tokens added" in capsys.readouterr().out
+    assert main(["tokenize", str(old), "--text", "<|bad|>", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plain_autotokenizer_tag_safe"] is True

@@ -63,6 +63,7 @@ def run(args) -> int:
         raise UserError("\n  - ".join(["bad arguments:", *problems]))
     from pretag.control import PolicyError
     from pretag.evaluate import evaluate_model
+    from pretag.generate import ContextLengthError
 
     try:
         res = evaluate_model(
@@ -70,7 +71,7 @@ def run(args) -> int:
             temperature=args.temperature, reference=args.reference, reference_samples_n=args.reference_samples,
             cache_dir=args.cache or Path(args.model) / "eval_cache", heldout_docs=args.heldout_docs,
             redteam_n=args.redteam, policy=args.policy, batch_size=args.batch_size, seed=args.seed)
-    except PolicyError as e:
+    except (PolicyError, ContextLengthError) as e:
         raise UserError(str(e)) from e
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))

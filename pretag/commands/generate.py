@@ -51,6 +51,12 @@ def run(args) -> int:
 
     if not Path(args.model).is_dir():
         raise UserError(f"model directory {args.model!r} does not exist")
+    from pretag.tokens import text_problem
+
+    prompts = [_unescape(p) for p in (args.prompt or [""])]
+    problems = [p for p in (text_problem(t, "--prompt") for t in prompts) if p]
+    if problems:  # before loading the model: a prompt no tokenizer can take
+        raise UserError("; ".join(problems))
     from pretag.generate import GenerateConfig, format_trace, generate, tree_search
     from pretag.models import load_model_dir
 
@@ -67,7 +73,6 @@ def run(args) -> int:
                          top_k=args.top_k, top_p=args.top_p, num_beams=args.beams, seed=args.seed,
                          repetition_penalty=args.repetition_penalty, classify=not args.no_classify,
                          do_sample=True if args.sample else None)
-    prompts = [_unescape(p) for p in (args.prompt or [""])]
     try:
         cfg.validate()
         if args.tree is not None:
