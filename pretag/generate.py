@@ -263,10 +263,10 @@ def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rendered = {p: prompt_ids(tokenizer, schema, policy, p) for p in dict.fromkeys(prompts)}
+    check_context(model, max(len(r) for r in rendered.values()), cfg.max_new_tokens)
     ids, mask = _left_pad([rendered[p] for p in prompts], pad)
     with torch.no_grad():
         out = model.generate(ids.to(device), attention_mask=mask.to(device), logits_processor=[proc],
-    check_context(model, max(len(r) for r in rendered.values()), cfg.max_new_tokens)
                              stopping_criteria=[AlarmStop(proc), *stopping_criteria], streamer=streamer,
                              **_hf_kwargs(cfg, tokenizer))
     start = ids.shape[1]
@@ -527,12 +527,12 @@ def tree_search(model, tokenizer, schema: Schema, prompt: str, policy=None, conf
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
     base = prompt_ids(tokenizer, schema, policy, prompt)
+    check_context(model, len(base), cfg.max_new_tokens)
     live: list[tuple[list[int], list[TokenRecord]]] = [(list(base), []) for _ in range(cfg.n)]
     done: list[tuple[list[int], list[TokenRecord]]] = []
     log = []
     made = 0
     step_cfg = GenerateConfig(**{**asdict(cfg), "n": 1, "do_sample": True, "seed": None, "classify": False})
-    check_context(model, len(base), cfg.max_new_tokens)
     while live and made < cfg.max_new_tokens:
         step_cfg.max_new_tokens = min(chunk, cfg.max_new_tokens - made)
         proc = TagProcessor(tokenizer, schema, policy, repetition_penalty=cfg.repetition_penalty)
