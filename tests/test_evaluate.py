@@ -318,3 +318,52 @@ def test_ratio_ci_upper_bound_is_infinite_when_resampled_denominators_are_zero()
     run = [1.0] + [0.0] * 999
     e = ratio_ci(mle, run)
     assert e.value == pytest.approx(3.0) and e.hi == float("inf") and 0 <= e.lo <= 3.0
+
+
+# ---- context: prompt + samples must fit (issue 11 item 8) ------------------------------------------------
+def _saved(tmp_path, name: str, n_positions: int):
+    from pretag.models import save_model_dir
+    from pretag.tokens import add_tag_tokens
+
+    tok = tiny_char_tokenizer()
+    schema = xschema()
+    add_tag_tokens(tok, schema)
+    return save_model_dir(tiny_model(len(tok), n_positions=n_positions), tok, schema, {}, tmp_path / name)
+
+
+def test_eval_refuses_samples_past_the_context_before_sampling(tmp_path, monkeypatch, capsys):
+    from pretag.cli import main
+    from pretag.generate import ContextLengthError
+
+    d = _saved(tmp_path, "m", 16)
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before checking the context")
+
+    monkeypatch.setattr(ev, "generate_samples", no_sampling)
+    with pytest.raises(ContextLengthError, match=r"\+ 300 new tokens = \d+ exceeds the model's context of 16"):
+        ev.evaluate_model(d, samples=2, max_new_tokens=300)
+    ref = _saved(tmp_path, "ref", 8)
+    with pytest.raises(ContextLengthError, match=r"reference .*ref sample prompt .* context of 8 tokens"):
+        ev.evaluate_model(d, samples=2, max_new_tokens=10, reference=ref)
+    assert main(["eval", str(d), "--samples", "2", "--max-new-tokens", "300"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "pretag eval: error: sample prompt of" in err
+
+
+def test_fit_prompts_keeps_the_longest_suffix_that_fits():
+    from pretag.control import load_policy
+    from pretag.generate import prompt_ids
+    from pretag.tokens import add_tag_tokens
+
+    tok, schema = tiny_char_tokenizer(), xschema()
+    add_tag_tokens(tok, schema)
+    model, pol = tiny_model(len(tok), n_positions=16), load_policy(None, schema)
+    long, short = "abc\nxyz\n" * 4, "ab\n"
+    out, cut = ev.fit_prompts(model, tok, schema, pol, [long, short], 6)
+    assert cut == 1 and out[1] == short and long.endswith(out[0]) and out[0]
+
+    def n(p):
+        return len(prompt_ids(tok, schema, pol, p))
+
+    assert n(out[0]) + 6 <= 16 < n(long[len(long) - len(out[0]) - 1:]) + 6  # one more character would not fit
