@@ -22,6 +22,7 @@ COMMANDS = {
     "experiment": "pretag.commands.experiment",
     "serve": "pretag.commands.serve",
     "demo": "pretag.commands.demo",
+    "interpret": "pretag.commands.interpret",
 }
 
 
@@ -63,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from pretag.folders import FolderError
     from pretag.schema import SchemaError
 
     try:
         return int(args._run(args) or 0)
-    except (UserError, SchemaError, FileNotFoundError) as e:
+    except (UserError, SchemaError, FolderError, FileNotFoundError) as e:
         print(f"pretag {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import copy
 import csv
+import hashlib
 import html
 import json
 import logging
@@ -168,10 +169,33 @@ def config_from_dict(d: dict[str, Any], *, quick: bool = False, where: str = "<d
         problems.append(f"heldout_fraction must be in (0, 1), got {hf!r}")
     mo = d.get("method_overrides") or {}
     problems += [f"method_overrides: unknown objective {m!r}" for m in mo if m not in METHODS]
+    problems += _train_key_problems(d.get("train"), mo)
     if problems:
         raise ValueError(f"{where}: {len(problems)} problem(s) in the experiment config:\n  - " + "\n  - ".join(problems))
     rest = {k: v for k, v in d.items() if k in top and k not in sections}
     return ExperimentConfig(**{**rest, "name": str(d.get("name") or "experiment"), **sections})
+
+
+def _train_key_problems(train: Any, overrides: Any) -> list[str]:
+    """Unknown keys of ``train:`` and ``method_overrides.<m>:``, named where they are (not as ``--set``)."""
+    from pretag.train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)} - {"sources", "method"}
+    problems = []
+    sections = [("train", train)]
+    if isinstance(overrides, dict):
+        sections += [(f"method_overrides.{m}", o) for m, o in overrides.items()]
+    else:
+        problems.append("method_overrides: must map objectives to training settings")
+    for where, d in sections:
+        if d is None:
+            continue
+        if not isinstance(d, dict):
+            problems.append(f"{where}: must be a mapping of training settings")
+            continue
+        problems += [f"{where}.{k}: unknown training key (known: {', '.join(sorted(known))})"
+                     for k in d if k not in known]
+    return problems
 
 
 def shipped_experiments() -> list[str]:
@@ -186,7 +210,13 @@ def load_config(name_or_path: str | Path, *, quick: bool = False) -> ExperimentC
         if not p.exists():
             raise FileNotFoundError(f"experiment config {str(name_or_path)!r} is neither a file nor shipped "
                                     f"({', '.join(shipped_experiments())})")
-    return config_from_dict(yaml.safe_load(p.read_text()), quick=quick, where=str(p))
+    if p.is_dir():
+        raise ValueError(f"experiment config {str(p)!r} is a directory, not a YAML file")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not a valid YAML experiment config: {str(e).splitlines()[0]}") from e
+    return config_from_dict(d, quick=quick, where=str(p))
 
 
 # ---- results table ----------------------------------------------------------------------------------------
@@ -476,17 +506,112 @@ def _pretrained_info(run: str, model_dir: Path) -> dict[str, Any]:
             "eval_loss": res.get("eval_loss"), "params": res.get("params"), "pretrained": str(model_dir)}
 
 
-def _train(run: str, method: str, data: Path, out: Path, cfg: ExperimentConfig, schema_name: str, *,
-           tokens: int, model: str | None = None, extra: dict | None = None) -> dict[str, Any]:
-    """Train one run (or reuse a finished one: the experiment resumes where it stopped)."""
-    from pretag.train import resolve_config, train
+@dataclass
+class PlannedRun:
+    """One model the experiment trains: its run name, objective, folder, budget (and, fine-tuning, its start)."""
 
-    sets = {**cfg.train, **cfg.method_overrides.get(method, {}), "eval_fraction": cfg.heldout_fraction,
-            **(extra or {})}
-    tcfg = resolve_config(method, schema_name=schema_name, sets=sets, tokens=tokens, model=model or cfg.model,
-                          seed=cfg.seed)
+    run: str
+    method: str
+    dir: Path
+    tokens: int
+    model: str | None = None
+    extra: dict[str, Any] | None = None
+
+
+def plan_runs(cfg: ExperimentConfig, out: Path) -> list[PlannedRun]:
+    """Every run to train, in order: MLE first (the KL reference and the baseline), then the other objectives,
+    then the paper's §5 comparison (MLE, then the conditional objective, on the same total budget)."""
+    runs = [PlannedRun(m, m, out / "models" / m, cfg.tokens) for m in sorted(cfg.methods, key=lambda m: m != "mle")]
+    if cfg.finetune.enabled:
+        ft = cfg.finetune
+        first = round(cfg.tokens * ft.pretrain_fraction)
+        stage = out / "models" / "finetune-mle-stage"
+        lr = cfg.train.get("lr", 1e-3)  # a fresh preset's default: the fine-tune must not silently slow down
+        runs += [PlannedRun("finetune-mle-stage", "mle", stage, first),
+                 PlannedRun(f"mle→{ft.method}", ft.method, out / "models" / f"finetune-{ft.method}",
+                            cfg.tokens - first, model=str(stage), extra={"lr": lr})]
+        if ft.method not in cfg.methods:
+            runs.append(PlannedRun(ft.method, ft.method, out / "models" / ft.method, cfg.tokens))
+    return runs
+
+
+def train_config(p: PlannedRun, cfg: ExperimentConfig, schema_name: str):
+    """The resolved ``TrainConfig`` of a planned run (ValueError names the experiment's sections, not --set)."""
+    from pretag.train import resolve_config
+
+    sets = {**cfg.train, **cfg.method_overrides.get(p.method, {}), "eval_fraction": cfg.heldout_fraction,
+            **(p.extra or {})}
+    return resolve_config(p.method, schema_name=schema_name, sets=sets, sets_name="the experiment's train:/"
+                          f"method_overrides.{p.method}", tokens=p.tokens, model=p.model or cfg.model, seed=cfg.seed)
+
+
+def _saved_config(model_dir: Path) -> dict[str, Any] | None:
+    from pretag.models import TRAIN_FILE
+
+    p = model_dir / TRAIN_FILE
+    if not p.exists():
+        return None
+    try:
+        return (yaml.safe_load(p.read_text()) or {}).get("config") or {}
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return {}
+
+
+def config_diff(saved: dict[str, Any], tcfg, p: PlannedRun) -> list[str]:
+    """``key old -> new`` for each training setting where a saved run differs from the planned one. A fine-tune's
+    start model is this experiment's own stage folder: compared by name, so a moved experiment still matches."""
+    now = {k: v for k, v in tcfg.to_dict().items() if k != "sources"}
+    old = dict(saved)
+    if p.model is not None and old.get("model") is not None:
+        old["model"], now["model"] = Path(str(old["model"])).name, Path(str(now["model"])).name
+    return [f"{k} {old.get(k)!r} -> {now[k]!r}" for k in now if old.get(k) != now[k]]
+
+
+def reuse_problems(cfg: ExperimentConfig, out: Path, schema_name: str) -> list[str]:
+    """Why this experiment cannot run in ``out`` as it stands, found before any work: a config that does not
+    resolve, a model trained there under another config, data labeled there with other settings. A trained
+    run is reused only when its resolved training config is the one this experiment would use."""
+    from pretag import folders
+
+    problems = []
+    old_path = out / "config.yaml"
+    if not cfg.data.labeled and (out / "data").exists() and old_path.exists():
+        try:
+            old = (yaml.safe_load(old_path.read_text()) or {}).get("data") or {}
+        except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+            old = {}
+        new = asdict(cfg.data)
+        diff = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+        if diff:
+            problems.append(f"data: {out / 'data'} was labeled with other settings ({', '.join(diff)}), and every "
+                            "model here was trained on it")
+    for p in plan_runs(cfg, out):
+        try:
+            tcfg = train_config(p, cfg, schema_name)
+        except ValueError as e:
+            problems.append(f"run {p.run}: {e}")
+            continue
+        saved = _saved_config(p.dir)
+        if saved is None:
+            kind = folders.holds(p.dir)
+            if kind is not None:
+                problems.append(f"run {p.run}: {p.dir} already holds {kind}")
+            continue
+        diff = config_diff(saved, tcfg, p)
+        if diff:
+            problems.append(f"run {p.run}: {p.dir} was trained with another config ({', '.join(diff)})")
+    return problems
+
+
+def _train(p: PlannedRun, data: Path, cfg: ExperimentConfig, schema_name: str) -> dict[str, Any]:
+    """Train one run (or reuse a finished one with the same config: the experiment resumes where it stopped)."""
+    from pretag.train import train
+
+    run, method, out, tokens = p.run, p.method, p.dir, p.tokens
+    tcfg = train_config(p, cfg, schema_name)
     info_path = out / "experiment_run.json"
-    if _done(out) and info_path.exists():
+    saved = _saved_config(out)
+    if _done(out) and info_path.exists() and saved is not None and not config_diff(saved, tcfg, p):
         log.info("%s: reusing the finished model in %s", run, out)
         return json.loads(info_path.read_text())
     t0 = time.perf_counter()
@@ -502,12 +627,33 @@ def _train(run: str, method: str, data: Path, out: Path, cfg: ExperimentConfig, 
 def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     """Label (or reuse) → train every objective → evaluate each → tables, plots, report. Resumable: finished
     labeling shards, trained models and evaluations are reused when the same command runs again."""
+    from pretag import folders
     from pretag.label import label_corpus
     from pretag.schema import load_schema
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # 0. before any work (and before config.yaml is rewritten): can we write there, may we reuse what is there
+    folders.check_dir(out)
+    folders.refuse_foreign(out, "experiment")
+    if cfg.data.labeled:
+        if not (Path(cfg.data.labeled) / "schema.yaml").exists():
+            raise folders.FolderError(f"data.labeled {cfg.data.labeled!r} is not a labeled dataset (no schema.yaml)")
+        schema = load_schema(Path(cfg.data.labeled) / "schema.yaml")
+    else:
+        schema = load_schema(cfg.data.schema)
+    if cfg.policy:  # a wrong policy must fail here, not after hours of training when the first model is evaluated
+        from pretag.policy import PolicyError, load_policy
+
+        try:
+            load_policy(cfg.policy, schema)
+        except PolicyError as e:
+            raise ValueError(f"experiment {cfg.name}: its policy does not fit schema {schema.name!r}: {e}") from e
+    problems = reuse_problems(cfg, out, schema.name)
+    if problems:
+        raise ValueError(f"experiment {cfg.name} cannot run in {out}:\n  - " + "\n  - ".join(problems) +
+                         "\nuse another --out, or delete the folders named above to redo them")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     # 1. data: label once, every objective trains on exactly these rows
@@ -519,13 +665,6 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
                      **cfg.data.label_options)
     schema = load_schema(data / "schema.yaml")
     label_s = time.perf_counter() - t0
-    if cfg.policy:  # a wrong policy must fail here, not after hours of training when the first model is evaluated
-        from pretag.policy import PolicyError, load_policy
-
-        try:
-            load_policy(cfg.policy, schema)
-        except PolicyError as e:
-            raise ValueError(f"experiment {cfg.name}: its policy does not fit schema {schema.name!r}: {e}") from e
 
     # 2. train every objective on the same data, token budget, seed and model size, and 3. evaluate each with the
     # same samples budget, reference samples (cached) and held-out documents *as soon as it is trained*, rewriting
@@ -555,24 +694,17 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
 
     for run, md in cfg.pretrained.items():
         add(run, _pretrained_info(run, Path(md)), Path(md))
-    methods = sorted(cfg.methods, key=lambda m: m != "mle")  # MLE first: it is the KL reference and the baseline
-    for m in methods:
-        log.info("experiment %s: training %s", cfg.name, m)
-        add(m, _train(m, m, data, out / "models" / m, cfg, schema.name, tokens=cfg.tokens), out / "models" / m)
-    if cfg.finetune.enabled:  # the paper's §5: MLE first, then the conditional objective, same total budget
-        ft = cfg.finetune
-        first = round(cfg.tokens * ft.pretrain_fraction)
-        stage = out / "models" / "finetune-mle-stage"
-        s1 = _train("finetune-mle-stage", "mle", data, stage, cfg, schema.name, tokens=first)
-        lr = cfg.train.get("lr", 1e-3)  # a fresh preset's default: the fine-tune must not silently slow down
-        ft_dir = out / "models" / f"finetune-{ft.method}"
-        s2 = _train(f"mle→{ft.method}", ft.method, data, ft_dir, cfg, schema.name,
-                    tokens=cfg.tokens - first, model=str(stage), extra={"lr": lr})
-        s2 = {**s2, "tokens": cfg.tokens, "wall_s": s1["wall_s"] + s2["wall_s"], "stages": [first, cfg.tokens - first]}
-        add(f"mle→{ft.method}", s2, ft_dir)
-        if ft.method not in runs:
-            add(ft.method, _train(ft.method, ft.method, data, out / "models" / ft.method, cfg, schema.name,
-                                  tokens=cfg.tokens), out / "models" / ft.method)
+    stage_info: dict[str, Any] = {}
+    for p in plan_runs(cfg, out):  # MLE first: it is the KL reference and the baseline
+        log.info("experiment %s: training %s", cfg.name, p.run)
+        info = _train(p, data, cfg, schema.name)
+        if p.run == "finetune-mle-stage":  # the paper's §5: its first stage is no row of its own
+            stage_info = info
+            continue
+        if p.model is not None:  # the fine-tune: one budget over both stages
+            info = {**info, "tokens": cfg.tokens, "wall_s": stage_info["wall_s"] + info["wall_s"],
+                    "stages": [stage_info["tokens"], p.tokens]}
+        add(p.run, info, p.dir)
     evaluate_ready()
     if pending:
         raise RuntimeError(f"experiment {cfg.name}: no KL reference for {pending}")
@@ -583,10 +715,13 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
               settings: dict[str, Any]) -> dict[str, Any]:
     """Evaluate one run, or reuse its cached evaluation when the settings are unchanged."""
     from pretag.evaluate import evaluate_model
+    from pretag.models import TRAIN_FILE
 
     e = cfg.eval
     path = out / "evals" / f"{run.replace('→', '-then-')}.json"
     path.parent.mkdir(exist_ok=True)
+    # the model too, not only the settings: a model retrained in place must not keep its predecessor's evaluation
+    settings = {**settings, "model": hashlib.sha1((model_dir / TRAIN_FILE).read_bytes()).hexdigest()[:16]}
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("experiment_settings") == settings:

@@ -159,9 +159,10 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def resolve_config(method: str | None = None, *, schema_name: str | None = None, config_file: str | Path | None = None,
-                   sets: dict[str, Any] | None = None, **explicit: Any) -> TrainConfig:
+                   sets: dict[str, Any] | None = None, sets_name: str = "--set", **explicit: Any) -> TrainConfig:
     """Layer: defaults < methods/<m>.yaml < task file < task's ``methods.<m>`` < --config (same shape) < --set <
-    explicit arguments. Every problem (unknown key, wrong type, bad value) is collected and raised at once."""
+    explicit arguments. Every problem (unknown key, wrong type, bad value) is collected and raised at once.
+    ``sets_name`` names where ``sets`` came from in those problems (an experiment passes its ``train:``)."""
     problems: list[str] = []
     fields = _fields()
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -197,7 +198,7 @@ def resolve_config(method: str | None = None, *, schema_name: str | None = None,
         layers.append((name, {k: v for k, v in d.items() if k != "methods"}))
         if isinstance(per_method.get(m), dict):
             layers.append((f"{name}:methods.{m}", per_method[m]))
-    layers += [("--set", sets), ("arguments", explicit)]
+    layers += [(sets_name, sets), ("arguments", explicit)]
     values: dict[str, Any] = {"method": m, "task": task}
     sources = []
     for name, d in layers:

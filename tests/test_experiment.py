@@ -180,7 +180,7 @@ def test_each_run_is_reported_as_soon_as_it_is_evaluated(tiny_run, tmp_path, mon
     d["finetune"] = {"enabled": False}
 
     def killed(run, *a, **k):
-        raise RuntimeError(f"killed while training {run}")
+        raise RuntimeError(f"killed while training {run.run}")
 
     monkeypatch.setattr(ex, "_train", killed)
     with pytest.raises(RuntimeError, match="killed while training filter"):
@@ -226,3 +226,96 @@ def test_config_policy_dict_is_used_and_a_wrong_one_fails_before_training(tiny_r
     d.update(methods=["mle"], pretrained={}, policy={"ban": ["nope"]})
     with pytest.raises(ValueError, match="nope"):
         ex.run_experiment(ex.config_from_dict(d), tmp_path / "bad")
+
+
+# ---- reuse only what the config would produce; refuse before rewriting anything (issue 11) ----------------------
+@pytest.fixture
+def tiny_copy(tiny_run, tmp_path):
+    import shutil
+
+    _, out = tiny_run
+    copy = tmp_path / "exp"
+    shutil.copytree(out, copy)
+    return copy, yaml.safe_load((copy / "config.yaml").read_text())
+
+
+def _run_cli(tmp_path, d: dict, out, capsys) -> tuple[int, str]:
+    f = tmp_path / "changed.yaml"
+    f.write_text(yaml.safe_dump(d))
+    capsys.readouterr()
+    code = main(["experiment", str(f), "--out", str(out)])
+    return code, capsys.readouterr().err
+
+
+def test_a_changed_budget_is_refused_not_answered_with_the_old_models(tiny_copy, tmp_path, capsys, monkeypatch):
+    """A config differing only in `tokens` exited 0 in seconds: the rows showed the old models' budget."""
+    out, d = tiny_copy
+    before = {p: (out / p).read_bytes() for p in ("config.yaml", "results.json")}
+    monkeypatch.setattr(ex, "_train", lambda *a, **k: pytest.fail("trained or reused under another config"))
+    code, err = _run_cli(tmp_path, {**d, "tokens": 1024}, out, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "run mle:" in err and "tokens 512 -> 1024" in err and "run mle→conditional" in err
+    assert {p: (out / p).read_bytes() for p in before} == before  # config.yaml is not rewritten before the check
+
+
+def test_another_max_docs_is_refused_before_config_yaml_is_rewritten(tiny_copy, tmp_path, capsys):
+    """It died with a traceback from label_corpus after config.yaml was already rewritten."""
+    out, d = tiny_copy
+    before = (out / "config.yaml").read_bytes()
+    code, err = _run_cli(tmp_path, {**d, "data": {**d["data"], "max_docs": 5}}, out, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "was labeled with other settings (max_docs None -> 5)" in err
+    assert (out / "config.yaml").read_bytes() == before
+
+
+def test_unchanged_config_reuses_everything(tiny_run, monkeypatch):
+    _, out = tiny_run
+    d = yaml.safe_load((out / "config.yaml").read_text())
+    monkeypatch.setattr("pretag.train.train", lambda *a, **k: pytest.fail("retrained an unchanged run"))
+    monkeypatch.setattr("pretag.evaluate.evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
+    res = ex.run_experiment(ex.config_from_dict(d), out)
+    assert [r["run"] for r in res["rows"]] == [*ex.METHODS, "mle→conditional"]
+
+
+def test_a_model_replaced_in_place_is_evaluated_again(tiny_run, tmp_path):
+    import shutil
+
+    _, out = tiny_run
+    pre = {"mle": tmp_path / "mle", "other": tmp_path / "other"}
+    shutil.copytree(out / "models" / "mle", pre["mle"])
+    shutil.copytree(out / "models" / "conditional", pre["other"])
+    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
+    d.update(data={"labeled": str(out / "data")}, methods=[], finetune={"enabled": False},
+             pretrained={k: str(v) for k, v in pre.items()})
+    first = ex.run_experiment(ex.config_from_dict(d), tmp_path / "o")
+    was = json.loads((tmp_path / "o" / "evals" / "other.json").read_text())["experiment_settings"]["model"]
+    shutil.rmtree(pre["other"])
+    shutil.copytree(out / "models" / "rwr", pre["other"])  # another model, same folder
+    again = ex.run_experiment(ex.config_from_dict(d), tmp_path / "o")
+    now = json.loads((tmp_path / "o" / "evals" / "other.json").read_text())["experiment_settings"]["model"]
+    assert now != was  # evaluated again, not the cached evaluation of the model that was there before
+    assert again["rows"][1]["loss"] != first["rows"][1]["loss"]
+
+
+def test_experiment_config_and_out_problems_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\ndata: {source: stdlib\n")  # unclosed mapping
+    assert main(["experiment", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid YAML experiment config" in err and "Traceback" not in err
+    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
+    d["train"]["lr_typo"] = 1
+    d["method_overrides"] = {"awr": {"alhpa": 0.5}}
+    with pytest.raises(ValueError) as e:
+        ex.config_from_dict(d)
+    assert "train.lr_typo: unknown training key" in str(e.value)
+    assert "method_overrides.awr.alhpa: unknown training key" in str(e.value) and "--set" not in str(e.value)
+    d = yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text())
+    d["train"]["lr"] = "fast"
+    with pytest.raises(ValueError, match=r"the experiment's train:/method_overrides.mle: lr must be") as e:
+        ex.run_experiment(ex.config_from_dict(d), tmp_path / "typed")
+    assert not (tmp_path / "typed").exists()  # found before any work
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        code, err = _run_cli(tmp_path, yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text()), out, capsys)
+        assert code == 2 and "is a file" in err and "Traceback" not in err

@@ -33,7 +33,10 @@ def run(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from e
     out = args.out or f"runs/experiment-{cfg.name}{'-quick' if args.quick else ''}"
-    res = run_experiment(cfg, out)
+    try:
+        res = run_experiment(cfg, out)
+    except ValueError as e:  # a config that cannot run there, found before any work (or a bad input met later)
+        raise UserError(str(e)) from e
     if args.json:
         print_json(res)
         return 0
