@@ -33,9 +33,10 @@ def test_higher_is_better_and_bands():
 
 
 def test_lone_binary_attribute_gets_plain_good_bad_tags():
-    s = schema_from_dict({"attributes": [{"name": "x", "scorer": "regex", "threshold": 0.5}]})
+    rx = {"type": "regex", "patterns": ["x"]}
+    s = schema_from_dict({"attributes": [{"name": "x", "scorer": rx, "threshold": 0.5}]})
     assert s.tag_names == ["good", "bad"]
-    s2 = schema_from_dict({"attributes": [{"name": "x", "scorer": "regex", "threshold": 0.5},
+    s2 = schema_from_dict({"attributes": [{"name": "x", "scorer": rx, "threshold": 0.5},
                                           {"name": "y", "scorer": "pii", "threshold": 0}]})
     assert s2.tag_names == ["x:good", "x:bad", "y:good", "y:bad"]
 
@@ -96,3 +97,20 @@ def test_schema_round_trips_through_yaml(tmp_path):
     s.save(tmp_path / "s.yaml")
     s2 = load_schema(tmp_path / "s.yaml")
     assert s2.tag_tokens == s.tag_tokens and s2.segmenter == s.segmenter
+
+
+def test_scorer_problems_are_reported_with_the_schemas_other_problems():
+    """Issue 11: an unknown scorer and a bad direction used to come out one per run (the scorer only at labeling)."""
+    bad = {"attributes": [
+        {"name": "a", "scorer": "nope", "direction": "up", "threshold": 0},
+        {"name": "b", "scorer": {"type": "regex", "patern": "x"}, "threshold": 0},
+        {"name": "c", "scorer": {"type": "cascade", "cheap": "pep8", "expensive": {"type": "hf"}}, "threshold": 0},
+    ]}
+    with pytest.raises(SchemaError) as e:
+        schema_from_dict(bad)
+    msg = str(e.value)
+    assert "5 problem(s)" in msg
+    for needle in ("(a): scorer: unknown scorer type 'nope'", "(a): direction 'up'", "(b): scorer: scorer 'regex' "
+                   "has no option 'patern'", "(b): scorer: scorer 'regex' needs option 'patterns'",
+                   "(c): scorer.expensive: scorer 'hf' needs option 'model'"):
+        assert needle in msg, needle

@@ -27,8 +27,8 @@ TOY = {"name": "toy", "segmenter": "sentences", "attributes": [{"name": "tox", "
 SPAN = {"name": "toyspan", "segmenter": "sentences", "render": "span",
         "attributes": [{"name": "tox", "scorer": "profanity", "threshold": 0.5}]}
 MULTI = {"name": "m", "segmenter": "sentences", "attributes": [
-    {"name": "off", "level": "document", "scorer": "field", "threshold": 0.5, "tags": {"good": "safe",
-                                                                                        "bad": "offensive"}},
+    {"name": "off", "level": "document", "scorer": {"type": "field", "field": "offensive"}, "threshold": 0.5,
+     "tags": {"good": "safe", "bad": "offensive"}},
     {"name": "tox", "scorer": "profanity", "threshold": 0.5, "weight": 2.0},
     {"name": "sent", "scorer": "sentiment", "direction": "higher_is_better", "threshold": -0.3, "weight": 0.5},
 ]}
