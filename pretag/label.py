@@ -439,7 +439,10 @@ def label_corpus(source: str, schema: Schema | str | Path, out: str | Path, *, n
         notes.append(f"the source changed since {out} was labeled: relabeled {len(changed)} shard(s) whose "
                      f"documents changed" + (f", removed {len(gone)} shard(s) past its end" if gone else ""))
         logger.warning("%s", notes[-1])
+    resolved = resolve_fractions(out, schema)
     summary = summarize(out, schema)
+    if resolved:
+        summary["resolved_thresholds"] = resolved
     summary.update(source=source, out=str(out), engine=engine, num_proc=num_proc,
                    shards={"total": len(shard_files(out)), "written": written, "resumed": resumed,
                            "relabeled": len(changed), "removed": len(gone)},
@@ -449,6 +452,49 @@ def label_corpus(source: str, schema: Schema | str | Path, out: str | Path, *, n
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
     logger.info("labeled %d documents, %d segments into %s", summary["documents"], summary["segments"], out)
     return summary
+
+
+def resolve_fractions(out: str | Path, schema: Schema) -> dict[str, dict[str, float]]:
+    """Cut every fraction-of-the-corpus threshold (``good_fraction`` / ``bad_fraction``) from the scores on disk,
+    then write the tags it implies into every shard and the resolved ``tag_threshold`` into ``schema.yaml``.
+
+    Shards are labeled independently (in parallel, resumable), so such attributes are written untagged first and
+    tagged here, once every score is known. Idempotent: a rerun after a crash recomputes the same cut from the same
+    scores and rewrites the same tags. ``schema`` is updated in place; returns {attribute: {fraction, threshold}}.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    pending = [a for a in schema.attributes if a.unresolved]
+    if not pending:
+        return {}
+    files = shard_files(out)
+    scores: dict[str, list[float | None]] = {a.name: [] for a in pending}
+    for f in files:
+        t = pq.read_table(f, columns=[f"score__{a.name}" for a in pending]).to_pydict()
+        for a in pending:
+            for row in t[f"score__{a.name}"]:
+                scores[a.name].extend(row)
+    resolved = {}
+    for a in pending:
+        a.tag_threshold = a.resolve_fraction(scores[a.name])
+        kind = "good_fraction" if a.good_fraction is not None else "bad_fraction"
+        resolved[a.name] = {kind: getattr(a, kind), "tag_threshold": a.tag_threshold}
+        logger.info("%s: %s %s resolved to tag_threshold %.6g", a.name, kind, getattr(a, kind), a.tag_threshold)
+    tag_type = pa.list_(pa.string())
+    for f in files:
+        table = pq.read_table(f)
+        for a in pending:
+            col = f"tag__{a.name}"
+            tags = [[None if (v := a.value_of(x)) is None else a.tags[v] for x in row]
+                    for row in table.column(f"score__{a.name}").to_pylist()]
+            table = table.set_column(table.schema.get_field_index(col), col, pa.array(tags, type=tag_type))
+        tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, f)
+    atomic_write_bytes(out / "schema.yaml", schema_yaml(schema))
+    return resolved
 
 
 def summarize(out: str | Path, schema: Schema) -> dict[str, Any]:

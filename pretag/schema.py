@@ -41,7 +41,16 @@ class Attribute:
     level: Literal["segment", "document"] = "segment"
     """``segment``: one score per segment. ``document``: one score per document, rendered as a forced prefix."""
     threshold: float | None = None
-    """Binary attribute: a score beyond the threshold is ``bad``. 0 means 0 (PEP8/PII: any violation is bad)."""
+    """Binary attribute: a score beyond the threshold is ``bad``. 0 means 0 (PEP8/PII: any violation is bad).
+    This is the task's natural threshold: evaluation calls a segment bad by it, whatever the tags were cut at."""
+    good_fraction: float | None = None
+    """Tags as a fraction of the corpus: only the safest ``good_fraction`` of segments are tagged good (the paper's
+    risk-averse threshold: 0.05 for toxicity). Resolved once at labeling time into ``tag_threshold``."""
+    bad_fraction: float | None = None
+    """Tags as a fraction of the corpus: the worst ``bad_fraction`` of segments are tagged bad."""
+    tag_threshold: float | None = None
+    """The score that cuts *tags* (and training's notion of bad), when it differs from ``threshold``; written by
+    labeling when ``good_fraction``/``bad_fraction`` is resolved. None: tags use ``threshold``."""
     direction: Literal["higher_is_worse", "higher_is_better"] = "higher_is_worse"
     """``higher_is_worse``: bad iff score > threshold. ``higher_is_better``: bad iff score < threshold."""
     bands: list[float] | None = None
@@ -67,21 +76,62 @@ class Attribute:
             return list(self.bad_values)
         return ["bad"] if self.bands is None else []
 
+    @property
+    def tag_cut(self) -> float | None:
+        """The threshold tags are cut at: ``tag_threshold`` if set, else ``threshold`` (None: not resolved yet)."""
+        return self.tag_threshold if self.tag_threshold is not None else self.threshold
+
+    @property
+    def unresolved(self) -> bool:
+        """A fraction-of-the-corpus threshold that labeling has not resolved into ``tag_threshold`` yet."""
+        return self.bands is None and self.tag_threshold is None and (
+            self.good_fraction is not None or self.bad_fraction is not None)
+
+    def _worse(self, score: float, cut: float) -> bool:
+        return score > cut if self.direction == "higher_is_worse" else score < cut
+
     def value_of(self, score: float | None) -> str | None:
-        """The value (not the tag name) that a score maps to; None for a missing score."""
+        """The tag value (not the tag name) that a score maps to; None for a missing score or an unresolved cut."""
         if score is None or (isinstance(score, float) and math.isnan(score)):
             return None
         if self.bands is None:
-            assert self.threshold is not None
-            worse = score > self.threshold if self.direction == "higher_is_worse" else score < self.threshold
-            return "bad" if worse else "good"
+            if self.unresolved:
+                return None
+            cut = self.tag_cut
+            assert cut is not None
+            return "bad" if self._worse(score, cut) else "good"
         for value, cut in zip(self.values, self.bands):
             if score < cut:
                 return value
         return self.values[-1]
 
     def is_bad(self, score: float | None) -> bool:
+        """Evaluation's verdict: bad by the natural ``threshold`` (a strict tag threshold never redefines it)."""
+        if self.bands is not None or self.threshold is None:
+            return self.value_of(score) in self.bad
+        if score is None or (isinstance(score, float) and math.isnan(score)):
+            return False
+        return self._worse(score, self.threshold) and "bad" in self.bad
+
+    def tagged_bad(self, score: float | None) -> bool:
+        """Training's verdict: the segment's tag value is a bad one (cut at ``tag_cut``)."""
         return self.value_of(score) in self.bad
+
+    def resolve_fraction(self, scores) -> float:
+        """The tag threshold that puts ``good_fraction`` of ``scores`` on the good side (or ``bad_fraction`` on the
+        bad side): a quantile of the corpus's scores, as in the paper's configs (Detoxify 0.00056 = safest 5 %)."""
+        import numpy as np
+
+        s = np.asarray([x for x in scores if x is not None and not math.isnan(x)], dtype=float)
+        if not s.size:
+            raise SchemaError(f"attribute {self.name!r}: no scores to resolve its fraction threshold from")
+        worse_high = self.direction == "higher_is_worse"
+        if self.good_fraction is not None:
+            q = self.good_fraction if worse_high else 1.0 - self.good_fraction
+        else:
+            assert self.bad_fraction is not None
+            q = 1.0 - self.bad_fraction if worse_high else self.bad_fraction
+        return float(np.quantile(s, q, method="inverted_cdf"))
 
     def reward(self, score: float) -> float:
         """Per-attribute reward: higher is better (the paper's R = -misalignment score)."""
@@ -289,10 +339,22 @@ def schema_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> Schema:
         if direction not in DIRECTIONS:
             problems.append(f"{p}: direction {direction!r} is not one of {DIRECTIONS}")
         threshold, bands = r.get("threshold"), r.get("bands")
-        if (threshold is None) == (bands is None):
-            problems.append(f"{p}: set exactly one of 'threshold' (binary good/bad) or 'bands' (intensity)")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
-            problems.append(f"{p}: threshold must be a number, got {threshold!r}")
+        fracs = {k: r.get(k) for k in ("good_fraction", "bad_fraction") if r.get(k) is not None}
+        tag_threshold = r.get("tag_threshold")
+        if bands is not None and (fracs or tag_threshold is not None):
+            problems.append(f"{p}: good_fraction/bad_fraction/tag_threshold are for binary attributes, not bands")
+        if len(fracs) > 1:
+            problems.append(f"{p}: set at most one of good_fraction or bad_fraction")
+        for k, v in fracs.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < v < 1.0:
+                problems.append(f"{p}: {k} must be a number strictly between 0 and 1, got {v!r}")
+        for k, v in (("threshold", threshold), ("tag_threshold", tag_threshold)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+                problems.append(f"{p}: {k} must be a finite number, got {v!r}")
+        binary_cut = threshold is not None or bool(fracs) or tag_threshold is not None
+        if binary_cut == (bands is not None) or (threshold is not None and bands is not None):
+            problems.append(f"{p}: set exactly one of 'threshold' (binary good/bad; or good_fraction/bad_fraction"
+                            " for a cut at a fraction of the corpus) or 'bands' (intensity)")
         if bands is not None and (
             not isinstance(bands, list)
             or not bands
@@ -307,14 +369,17 @@ def schema_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> Schema:
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             problems.append(f"{p}: weight must be a number, got {weight!r}")
             weight = 1.0
+        ok_num = lambda v: v if isinstance(v, int | float) and not isinstance(v, bool) else None  # noqa: E731
         a = Attribute(
             name=name, scorer=dict(scorer), level=level, threshold=threshold, direction=direction,
             bands=bands, bad_values=r.get("bad_values"), weight=float(weight),
+            good_fraction=ok_num(r.get("good_fraction")), bad_fraction=ok_num(r.get("bad_fraction")),
+            tag_threshold=ok_num(tag_threshold),
         )
-        if threshold is None and bands is None:
+        if threshold is None and bands is None and not fracs and tag_threshold is None:
             a.threshold = 0.0
         if a.bands is not None:
-            a.threshold = None
+            a.threshold = a.tag_threshold = a.good_fraction = a.bad_fraction = None
         user_tags = r.get("tags") or {}
         if not isinstance(user_tags, dict):
             problems.append(f"{p}: tags must map values to tag names")

@@ -236,11 +236,12 @@ def _score(x: Any) -> float:
 
 
 def is_bad(attr: Attribute, score: float, threshold: float | None = None) -> bool:
-    """Whether a score is misaligned; ``threshold`` (if not None; 0 is a threshold) overrides a binary attribute's."""
+    """Training's verdict: is the segment misaligned under its tags' cut (``Attribute.tag_cut``, the resolved
+    fraction threshold if any)? ``threshold`` (if not None; 0 is a threshold) overrides a binary attribute's."""
     if math.isnan(score):
         return False
     if threshold is None or attr.bands is not None:
-        return attr.is_bad(score)
+        return attr.tagged_bad(score)
     return score > threshold if attr.direction == "higher_is_worse" else score < threshold
 
 
@@ -283,6 +284,30 @@ def document_misaligned(schema: Schema, row: dict[str, Any], threshold: float | 
         if a.bands is None and len(col) and is_bad(a, float(col.mean()), threshold):
             return True
     return False
+
+
+def percentile_filter(schema: Schema, rows: Sequence[dict[str, Any]], drop: float) -> list[dict[str, Any]]:
+    """The paper's percentile filter (Eq. 4 with t at a percentile): drop the worst ``drop`` fraction of documents
+    by their average score, per binary attribute (a document in any attribute's worst fraction goes)."""
+    if not 0.0 < drop < 1.0:
+        raise ValueError(f"filter_drop must be strictly between 0 and 1, got {drop}")
+    attrs = [(j, a) for j, a in enumerate(schema.attributes) if a.bands is None]
+    means = np.full((len(rows), len(schema.attributes)), np.nan)
+    for i, row in enumerate(rows):
+        scores, _, _ = segment_table(schema, row)
+        for j, _a in attrs:
+            col = scores[:, j][~np.isnan(scores[:, j])]
+            means[i, j] = col.mean() if len(col) else np.nan
+    out = np.ones(len(rows), dtype=bool)
+    for j, a in attrs:
+        col = means[:, j]
+        ok = ~np.isnan(col)
+        if not ok.any():
+            continue
+        worse = col if a.direction == "higher_is_worse" else -col
+        cut = np.quantile(worse[ok], 1.0 - drop, method="inverted_cdf")
+        out &= ~(ok & (worse > cut))
+    return [r for r, keep in zip(rows, out) if keep]
 
 
 # ---- documents -> token streams -> blocks ------------------------------------------------------------------------

@@ -82,6 +82,9 @@ class TrainConfig:
     """conditional: fraction of segments left untagged (paper: 0.01 toxicity, 0.1 PEP8)."""
     threshold: float | None = None
     """filter/unlikelihood: score threshold overriding the schema's (0 means 0: any violation is bad)."""
+    filter_drop: float | None = None
+    """filter: drop this fraction of the worst documents by average score (the paper's percentile filter,
+    e.g. 0.1); overrides ``threshold`` for filtering."""
     alpha: float = 1.0
     beta: float | str = 1.0
     """rwr/awr temperature of exp(R / beta); ``auto``: the standard deviation of the per-token reward in the
@@ -292,7 +295,7 @@ def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None)
     from transformers import AutoTokenizer
 
     from pretag import models
-    from pretag.tokens import Blocks, document_misaligned, pack, read_labeled, train_tokenizer
+    from pretag.tokens import Blocks, document_misaligned, pack, percentile_filter, read_labeled, train_tokenizer
 
     schema, rows = read_labeled(data)
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction)
@@ -323,7 +326,8 @@ def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None)
     # Filtering drops documents only after the tokenizer is trained on all of them, so every objective of an
     # experiment shares one vocabulary (and KL / loss comparisons are not confounded by the tokenizer).
     if cfg.method in FILTERS_DATA:
-        kept = [r for r in train_rows if not document_misaligned(schema, r, cfg.threshold)]
+        kept = (percentile_filter(schema, train_rows, cfg.filter_drop) if cfg.filter_drop is not None
+                else [r for r in train_rows if not document_misaligned(schema, r, cfg.threshold)])
         stats["filtered_out"] = len(train_rows) - len(kept)
         logger.info("filter: dropped %d of %d training documents as misaligned", stats["filtered_out"],
                     len(train_rows))

@@ -252,3 +252,59 @@ def test_label_refuses_a_model_dir_and_a_file_as_out(tmp_path):
                             str(out)], capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
         assert "is a file" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+# ---- thresholds at a fraction of the corpus (the paper's risk-averse "safest 5 % are good") ---------------------
+FRACTION_SCHEMA = {"name": "frac", "segmenter": "lines", "attributes": [
+    {"name": "long", "scorer": {"type": "regex", "patterns": [r"\w{6,}"]}, "threshold": 2, "good_fraction": 0.3},
+]}
+
+
+def _fraction_corpus(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in range(4):  # line i of file f holds (f + i) % 5 long words: scores 0..4, each a fifth of the lines
+        lines = [" ".join(["abcdefgh"] * ((f + i) % 5) + ["ok"]) + "\n" for i in range(25)]
+        (src / f"f{f}.txt").write_text("".join(lines))
+    return src
+
+
+def test_good_fraction_resolves_at_labeling_into_tags_schema_and_summary(tmp_path):
+    src = _fraction_corpus(tmp_path)
+    out = tmp_path / "out"
+    summary = label_corpus(str(src), schema_from_dict(FRACTION_SCHEMA), out, shard_size=1, progress=False)
+    # scores 0..4 in equal parts: the safest 30 % needs the cut at score 1 (0 and 1 are 40 % >= 30 %)
+    assert summary["resolved_thresholds"] == {"long": {"good_fraction": 0.3, "tag_threshold": 1.0}}
+    schema, rows = load_labeled(out)
+    a = schema.attribute("long")
+    assert a.tag_threshold == 1.0 and a.threshold == 2 and a.good_fraction == 0.3
+    for r in rows:  # every shard was tagged with the corpus-wide cut, not a per-shard one
+        assert r["tag__long"] == ["bad" if s > 1 else "good" for s in r["score__long"]]
+    assert summary["attributes"]["long"]["tag_fraction"] == {"good": 0.4, "bad": 0.6}
+    # evaluation keeps the natural threshold: a score of 2 is tagged bad for training but is not bad output
+    assert a.tagged_bad(2.0) and not a.is_bad(2.0) and a.is_bad(3.0)
+    # a rerun (resume) recomputes the same cut and keeps the same tags
+    again = label_corpus(str(src), schema_from_dict(FRACTION_SCHEMA), out, shard_size=1, progress=False)
+    assert again["resolved_thresholds"] == summary["resolved_thresholds"]
+    assert load_labeled(out)[1] == rows
+
+
+def test_bad_fraction_and_higher_is_better():
+    a = schema_from_dict({"attributes": [{"name": "s", "scorer": "sentiment", "direction": "higher_is_better",
+                                          "bad_fraction": 0.25}]}).attributes[0]
+    assert a.unresolved and a.value_of(0.3) is None  # not tagged before the corpus is seen
+    a.tag_threshold = a.resolve_fraction([float(i) for i in range(100)])
+    assert a.tag_threshold == 24.0  # bad iff below the cut: 0..23, at most the worst 25 %
+    assert [a.value_of(x) for x in (23.0, 24.0, 25.0)] == ["bad", "good", "good"]
+    assert a.is_bad(23.0) and not a.is_bad(24.0)  # no natural threshold given: evaluation uses the resolved cut
+
+
+@pytest.mark.parametrize("attr, message", [
+    ({"good_fraction": 1.5, "threshold": 0.5}, "good_fraction must be a number strictly between 0 and 1"),
+    ({"good_fraction": 0.1, "bad_fraction": 0.1}, "at most one of good_fraction or bad_fraction"),
+    ({"bands": [1, 2], "good_fraction": 0.1}, "for binary attributes, not bands"),
+    ({"threshold": float("nan")}, "threshold must be a finite number"),
+])
+def test_fraction_thresholds_are_validated(attr, message):
+    with pytest.raises(ValueError, match=message):
+        schema_from_dict({"attributes": [{"name": "t", "scorer": "profanity", **attr}]})

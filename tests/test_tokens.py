@@ -365,3 +365,15 @@ def test_tokenize_cli_reports_and_upgrades_an_old_dir(saved_dir, tmp_path, capsy
     assert "split_special_tokens added" in capsys.readouterr().out
     assert main(["tokenize", str(old), "--text", "<|bad|>", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["plain_autotokenizer_tag_safe"] is True
+
+
+def test_percentile_filter_drops_the_worst_fraction_of_documents():
+    from pretag.tokens import percentile_filter
+
+    schema = schema_from_dict({"name": "t", "segmenter": "lines",
+                               "attributes": [{"name": "x", "scorer": "profanity", "threshold": 0.5}]})
+    rows = [row(schema, ["a\n", "b\n"], {"x": [i / 10, i / 10]}, doc_id=str(i)) for i in range(10)]
+    kept = percentile_filter(schema, rows, 0.2)
+    assert [r["id"] for r in kept] == [str(i) for i in range(8)]  # the two highest averages go
+    with pytest.raises(ValueError, match="filter_drop"):
+        percentile_filter(schema, rows, 1.0)
