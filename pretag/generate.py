@@ -173,7 +173,8 @@ def check_context(model, prompt_tokens: int, max_new_tokens: int, *, what: str =
     room = ctx - prompt_tokens
     fix = (f"ask for at most {room} new tokens (max_new_tokens, --max-new-tokens) or shorten the {what}" if room > 0
            else f"shorten the {what}")
-    raise ContextLengthError(f"{what} of {prompt_tokens} tokens (tags included) + {max_new_tokens} new tokens = "
+    raise ContextLengthError(f"{what} of {prompt_tokens} token{'s' * (prompt_tokens != 1)} (tags included) + "
+                             f"{max_new_tokens} new tokens = "
                              f"{prompt_tokens + max_new_tokens} exceeds the model's context of {ctx} tokens; {fix}")
 
 
