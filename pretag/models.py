@@ -326,13 +326,18 @@ def load_model_dir(path: str | Path, dtype: str = "float32", merge: bool = True)
     if not (path / SCHEMA_FILE).exists():
         raise FileNotFoundError(f"{path}: no {SCHEMA_FILE}; is this a model directory written by `pretag train`?")
     schema = load_schema(path / SCHEMA_FILE)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if (path / ADAPTER_FILE).exists():
-        model = _load_adapter(path, tokenizer, schema, merge)
-        if dtype != "auto":
-            model = model.to(getattr(torch, dtype))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (path / ADAPTER_FILE).exists():
+            model = _load_adapter(path, tokenizer, schema, merge)
+            if dtype != "auto":
+                model = model.to(getattr(torch, dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    except (OSError, ValueError) as e:  # a corrupt config.json, tokenizer or weights file: one line, no traceback
+        from pretag.folders import FolderError
+
+        raise FolderError(f"{path}: not a loadable model directory: {' '.join(str(e).split())[:300]}") from e
     tag_ids(tokenizer, schema)  # fail now, not at generation time, if the tags are missing
     if protect_special_tokens(tokenizer):  # written before pretag saved split_special_tokens: protect it here
         logger.warning("%s: its tokenizer_config.json lacks \"split_special_tokens\": true, so a plain "

@@ -303,7 +303,12 @@ def load_policy(spec: TagPolicy | dict | str | Path | None, schema: Schema) -> T
             if not path.exists():
                 raise PolicyError(f"policy file {s!r} not found (shipped policies: {', '.join(shipped_policies())})")
             try:
-                d = yaml.safe_load(path.read_text())
+                d = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:  # a binary or latin-1 file: a clear error, not a traceback
+                raise PolicyError(f"{path}: not a UTF-8 text file (byte {e.object[e.start:e.start + 1]!r} at "
+                                  f"offset {e.start}); a policy file is YAML") from e
+            except OSError as e:
+                raise PolicyError(f"{path}: cannot read the policy file: {e.strerror or e}") from e
             except yaml.YAMLError as e:
                 raise PolicyError(f"{path}: not valid YAML: {e}") from e
             policy = policy_from_dict(d, where=str(path))

@@ -319,3 +319,60 @@ def test_experiment_config_and_out_problems_are_one_line_errors(tmp_path, capsys
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
         code, err = _run_cli(tmp_path, yaml.safe_load((ex.EXPERIMENT_DIR / "tiny.yaml").read_text()), out, capsys)
         assert code == 2 and "is a file" in err and "Traceback" not in err
+
+
+def test_eval_input_problems_are_one_line_errors_before_any_work(tiny_run, tmp_path, capsys, monkeypatch):
+    """Each of these was a traceback, `--out` only after the whole evaluation had run (losing it)."""
+    import shutil
+
+    _, out = tiny_run
+    model, data = out / "models" / "conditional", out / "data"
+    monkeypatch.setattr("pretag.evaluate.evaluate_model", lambda *a, **k: pytest.fail("evaluated bad input"))
+    (tmp_path / "file").write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(data / "schema.yaml", empty / "schema.yaml")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "schema.yaml").write_text(yaml.safe_dump({"name": "kw", "attributes": [
+        {"name": "rude", "scorer": {"type": "keywords", "words": ["damn"]}, "threshold": 0}]}))
+    shutil.copy(next(data.glob("part-*.parquet")), other / "part-00000.parquet")
+    cases = [
+        (["--out", str(tmp_path / "file" / "res.json")], "is a file"),
+        (["--out", str(tmp_path)], "is a directory"),
+        (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+        (["--cache", str(tmp_path / "file")], "--cache"),
+        (["--data", str(empty)], "holds no documents"),
+        (["--data", str(other)], "labeled with schema 'kw' (attributes rude), but the model was trained with "
+                                 "schema 'pep8' (attributes pep8)"),
+    ]
+    for extra, msg in cases:
+        capsys.readouterr()
+        assert main(["eval", str(model), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (extra, err)
+
+
+def test_corrupt_model_dir_and_undecodable_policy_file_are_one_line_errors(tiny_run, tmp_path, capsys):
+    import shutil
+
+    _, out = tiny_run
+    model = tmp_path / "m"
+    shutil.copytree(out / "models" / "conditional", model, ignore=shutil.ignore_patterns("checkpoints"))
+    latin = tmp_path / "p.yaml"
+    latin.write_bytes("name: caf\xe9\nban: [bad]\n".encode("latin-1"))
+    binary = tmp_path / "p.bin"
+    binary.write_bytes(bytes(range(256)))
+    for cmd in (["generate", str(model), "--max-new-tokens", "2"], ["eval", str(model), "--samples", "2"]):
+        for pol in (latin, binary):
+            capsys.readouterr()
+            assert main([*cmd, "--policy", str(pol)]) == 2
+            err = capsys.readouterr().err
+            assert "not a UTF-8 text file" in err and "Traceback" not in err, err
+    (model / "config.json").write_text('{"model_type": "gpt2", "n_layer": ')
+    for cmd in (["generate", str(model)], ["eval", str(model), "--samples", "2"]):
+        capsys.readouterr()
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "not a loadable model directory" in err or "cannot load model directory" in err, err
+        assert "Traceback" not in err and str(model) in err

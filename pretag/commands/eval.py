@@ -35,21 +35,63 @@ def add_arguments(p) -> None:
 
 
 def _problems(args) -> list[str]:
+    """Every problem with the arguments, found before the (long) evaluation: a file --out that cannot be written
+    must not lose the result after the work is done."""
+    import math
     from pathlib import Path
+
+    from pretag.folders import FolderError, check_dir, check_file
 
     out = []
     if not Path(args.model).is_dir():
         out.append(f"model {args.model!r} is not a directory")
-    if args.data and not (Path(args.data) / "schema.yaml").exists():
-        out.append(f"--data {args.data!r} is not a labeled dataset (no schema.yaml)")
+    if args.data:
+        out += _data_problems(args.model, args.data)
     for k in ("samples", "max_new_tokens", "reference_samples", "heldout_docs", "batch_size"):
         if getattr(args, k) < 1:
             out.append(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     if args.redteam < 0:
         out.append(f"--redteam must be >= 0, got {args.redteam}")
-    if args.temperature <= 0:
-        out.append(f"--temperature must be > 0, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        out.append(f"--temperature must be a finite number > 0, got {args.temperature}")
+    for check, value, what in ((check_dir, args.cache, "--cache"), (check_file, args.out, "--out")):
+        try:
+            if value:
+                check(value, what)
+        except FolderError as e:
+            out.append(str(e))
     return out
+
+
+def _data_problems(model: str, data: str) -> list[str]:
+    """--data must be a labeled dataset with documents, labeled with the model's schema."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from pretag.label import shard_files
+    from pretag.models import SCHEMA_FILE
+    from pretag.schema import SchemaError, load_schema
+
+    if not (Path(data) / "schema.yaml").exists():
+        return [f"--data {data!r} is not a labeled dataset (no schema.yaml)"]
+    if sum(pq.read_metadata(p).num_rows for p in shard_files(data)) == 0:
+        return [f"--data {data!r} holds no documents"]
+    if not (Path(model) / SCHEMA_FILE).exists():
+        return []  # reported when the model loads
+    try:
+        theirs, mine = load_schema(Path(data) / "schema.yaml"), load_schema(Path(model) / SCHEMA_FILE)
+    except SchemaError as e:
+        return [str(e)]
+
+    def sig(s) -> tuple:
+        return s.name, s.segmenter, tuple((a.name, a.level, tuple(a.tags.values())) for a in s.attributes)
+
+    if sig(theirs) != sig(mine):
+        return [f"--data {data!r} was labeled with schema {theirs.name!r} (attributes "
+                f"{', '.join(a.name for a in theirs.attributes)}), but the model was trained with schema "
+                f"{mine.name!r} (attributes {', '.join(a.name for a in mine.attributes)})"]
+    return []
 
 
 def run(args) -> int:
