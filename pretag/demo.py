@@ -43,7 +43,30 @@ def demo_experiment(cfg: DemoConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"demo checkpoints missing: {', '.join(missing)} (see demo/checkpoints/README.md "
                                 "for the command that trains them)")
     ev = {**base.get("eval", {}), "samples": cfg.samples, "max_new_tokens": cfg.max_new_tokens}
-    return {**base, "methods": [], "pretrained": runs, "finetune": {"enabled": False}, "eval": ev, "seed": cfg.seed}
+    return {**base, **trained_with(runs), "methods": [], "pretrained": runs, "finetune": {"enabled": False},
+            "eval": ev, "seed": cfg.seed}
+
+
+def trained_with(runs: dict[str, str]) -> dict[str, Any]:
+    """``model`` and ``tokens`` as the checkpoints were trained (their ``pretag_train.yaml``), so the report says
+    what was evaluated, not the experiment defaults (it said ``micro`` on 1M tokens for ``tiny`` on 1.5M)."""
+    import yaml
+
+    from pretag.models import TRAIN_FILE
+
+    seen = {}
+    for run, d in runs.items():
+        p = Path(d) / TRAIN_FILE
+        conf = (yaml.safe_load(p.read_text()) or {}).get("config", {}) if p.exists() else {}
+        seen[run] = {k: conf[k] for k in ("model", "tokens") if conf.get(k) is not None}
+    got = {}
+    for k in ("model", "tokens"):
+        values = {s[k] for s in seen.values() if k in s}
+        if len(values) > 1:
+            log.warning("demo checkpoints differ in %s: %s", k, {r: s.get(k) for r, s in seen.items()})
+        if values:
+            got[k] = seen.get("conditional", {}).get(k, next(iter(values)))
+    return got
 
 
 def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, Any]:

@@ -376,3 +376,24 @@ def test_corrupt_model_dir_and_undecodable_policy_file_are_one_line_errors(tiny_
         err = capsys.readouterr().err
         assert "not a loadable model directory" in err or "cannot load model directory" in err, err
         assert "Traceback" not in err and str(model) in err
+
+
+def test_demo_reports_the_checkpoints_model_and_budget():
+    """The demo's --json and report said "model": "micro", "tokens_per_objective": 1000000 (the experiment
+    defaults) for checkpoints trained as `tiny` on 1.5M tokens."""
+    from pretag.demo import DemoConfig, demo_experiment
+
+    d = demo_experiment(DemoConfig())  # the shipped checkpoints
+    assert (d["model"], d["tokens"]) == ("tiny", 1_500_000)
+    cfg = ex.config_from_dict(d, where="<demo>")
+    assert (cfg.model, cfg.tokens) == ("tiny", 1_500_000)  # what _write_tables puts in the summary
+
+
+def test_demo_argument_problems_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pretag.evaluate.evaluate_model", lambda *a, **k: pytest.fail("evaluated bad input"))
+    assert main(["demo", "--source", "fortunes"]) == 2
+    assert "--source only applies with --build-from" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err

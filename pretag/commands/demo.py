@@ -37,6 +37,8 @@ def run(args) -> int:
 
     if args.samples < 2 or args.max_new_tokens < 1:
         raise UserError("--samples must be >= 2 and --max-new-tokens >= 1")
+    if args.source and not args.build_from:
+        raise UserError("--source only applies with --build-from (the corpus the exported demo labels again)")
     if args.build_from:
         from pretag.demo import export_checkpoints
 
