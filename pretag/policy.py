@@ -23,6 +23,9 @@ from pretag.schema import Schema
 POLICY_DIR = Path(__file__).parent / "configs" / "policies"
 FORCE_AT = ("segment", "start", "none")
 RULE_ACTIONS = ("flag", "stop", "switch", "ban")
+MAX_BIAS = 1e4
+"""Largest |bias| accepted: e^10000 already decides any choice; beyond ~1e38 a float32 logit overflows to inf and
+the softmax turns into NaN (the server answered 500 to a bias of 1e300). Use ``ban`` to forbid a tag."""
 
 
 class PolicyError(ValueError):
@@ -107,8 +110,9 @@ class TagPolicy:
                 check(t, verb)
         for t, b in self.bias.items():
             check(t, "bias")
-            if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b):
-                problems.append(f"bias: value for {t!r} must be a finite number, got {b!r} (use ban to forbid a tag)")
+            if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or abs(b) > MAX_BIAS:
+                problems.append(f"bias: value for {t!r} must be a finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                                f"got {b!r} (use ban to forbid a tag)")
         if self.force_at is not None and self.force_at not in FORCE_AT:
             problems.append(f"force_at {self.force_at!r} is not one of {FORCE_AT}")
         for t in set(self.ban) & (set(self.force) | set(self.allow)):

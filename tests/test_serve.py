@@ -307,3 +307,133 @@ def test_cancel_ends_the_generation_and_keeps_the_fast_path(model_dir, monkeypat
     full = engine.generate("x = 1\n", engine.operator, GenParams(max_new_tokens=12, temperature=0),
                            lambda e: None, cancelled=lambda: False)
     assert full["finish_reason"] in ("length", "stop") and full["n_tokens"] > 3
+
+
+# ---- hardening (issue 11) --------------------------------------------------------------------------------------
+FOUR = ["offensive", "profane", "pii", "neg"]
+
+
+def test_switch_keeps_the_requests_and_the_floors_bans(tmp_path):
+    """An operator switch rule whose target bans only the floor's four tags must not lift the request's own ban:
+    before, 4 of these 10 seeded requests wrote <|grade:14+|> after the switch (0 of 10 with action flag)."""
+    engine = Engine.from_dir(build_tiny_model_dir(tmp_path, "multi"), policy={
+        "ban": FOUR, "rules": [{"watch": "safe", "above": 0.0, "action": "switch", "policy": {"ban": FOUR}}]})
+    with TestClient(create_app(engine)) as c:
+        for seed in range(10):
+            out = c.post("/v1/completions", json={"prompt": "Hello. ", "max_new_tokens": 24, "seed": seed,
+                                                  "policy": {"ban": ["grade:14+"]}}).json()
+            assert [a["rule"] for a in out["alarms"]] == ["safe>0=switch"]  # the switch happened at step 0
+            assert "grade:14+" in out["policy"]["ban"]
+            assert not [t for t in out["tokens"] if t["tag"] in ["grade:14+", *FOUR]], seed
+    # the merged switch target carries every ban in force before the switch, and the siblings of forced tags
+    op = load_policy({"ban": ["pii"], "rules": [{"watch": "neg", "above": 0.5, "action": "switch",
+                                                "policy": {"bias": {"grade:0-6": 1.0}}}]}, SCHEMA)
+    got = merge(op, RequestPolicy(ban=["grade:14+"], force=["safe"]), SCHEMA)
+    target = got.rules[0].policy
+    assert set(target.ban) == {"pii", "grade:14+", "offensive"} and target.bias == {"grade:0-6": 1.0}
+    assert op.rules[0].policy.ban == []  # the operator's rule was not changed
+    # a switch target that forces a tag banned before the switch is refused, naming the rule
+    op = load_policy({"rules": [{"name": "to-neg", "watch": "neg", "above": 0.5, "action": "switch",
+                                 "policy": {"force": ["neg"]}}]}, SCHEMA)
+    with pytest.raises(PolicyFloorError, match="'to-neg' switches to a policy that forces 'neg'"):
+        merge(op, RequestPolicy(ban=["neg"]), SCHEMA)
+
+
+def test_a_request_may_not_lift_an_operator_force(model_dir):
+    """The shipped watchdog forces `good`: allowing, biasing or forcing `bad`, or banning `good`, is a 422."""
+    engine = Engine.from_dir(model_dir, policy="watchdog")
+    with TestClient(create_app(engine, ServeConfig(max_new_tokens=8))) as c:
+        for policy in ({"allow": ["bad"]}, {"bias": {"bad": 1e9}}, {"bias": {"bad": 1.0}}, {"force": ["bad"]},
+                       {"ban": ["good"]}):
+            r = c.post("/v1/completions", json={"prompt": "x", "policy": policy})
+            assert r.status_code == 422, (policy, r.text)
+            body = r.json()
+            assert set(body) == {"error", "problems"}
+            assert ("the operator's policy forces 'good'" in body["error"]
+                    or "'good' is forced by the operator's policy" in body["error"])
+        ok = c.post("/v1/completions", json={"prompt": "x", "max_new_tokens": 3, "policy": {"bias": {"good": 2}}})
+        assert ok.status_code == 200 and ok.json()["policy"]["force"] == ["good"]
+
+
+BAD_BODIES = [
+    '{"prompt": "x", "temperature": NaN}',
+    '{"prompt": "x", "temperature": Infinity}',
+    '{"prompt": "x", "temperature": -Infinity}',
+    '{"prompt": "x", "temperature": 1e308}',
+    '{"prompt": "x", "seed": 1e30}',
+    '{"prompt": "x", "seed": 1000000000000000000000000000000}',
+    '{"prompt": "x", "seed": -1}',
+    '{"prompt": "x", "policy": {"bias": {"good": 1e300}}}',
+    '{"prompt": "x", "policy": {"bias": {"good": NaN}}}',
+    '{"prompt": "x", "policy": {"bias": {"good": "2"}}}',
+    '{"prompt": "x", "policy": {"bias": "good"}}',
+    '{"prompt": "a\\ud800b"}',
+    '{"prompt": "x", "policy": {"ban": ["a\\udfffb"], "bias": {"\\ud800": 1}}}',
+    '{"prompt": "x", "max_new_tokens": "10"}',
+    '{"prompt": "x", "max_new_tokens": true}',
+    '{"prompt": "x", "max_new_tokens": 4.5}',
+    '{"prompt": "x", "stream": "yes"}',
+    '{"prompt": "x", "policy": {"stop_on_alarm": 1}}',
+    '{"prompt": 5}',
+    '{"prompt": "x", "top_k": 0}',
+    '[1, 2]',
+    '"just a string"',
+    '{"prompt": "x", "policy": ' + "[" * 100_000 + "]" * 100_000 + "}",
+]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES, ids=range(len(BAD_BODIES)))
+def test_bad_input_is_a_4xx_in_the_documented_shape_never_a_500(client, body):
+    r = client.post("/v1/completions", content=body.encode("utf-8", "surrogatepass"),
+                    headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    got = r.json()
+    assert set(got) == {"error", "problems"} and got["problems"] and isinstance(got["error"], str)
+
+
+def test_errors_are_capped_and_big_bodies_refused(client):
+    many = {"prompt": "x", "policy": {"ban": [f"tag{i}" for i in range(5000)]}}
+    r = client.post("/v1/completions", json=many)
+    assert r.status_code == 422 and len(r.content) < 20_000
+    probs = r.json()["problems"]
+    assert len(probs) == 21 and probs[-1] == "... and 4980 more problems" and "unknown tag 'tag0'" in probs[0]
+    huge = {"prompt": "x", "policy": {"ban": [f"t{i}" for i in range(200_000)]}}  # ~2.5 MB
+    r = client.post("/v1/completions", json=huge)
+    assert r.status_code == 413 and "exceeds the limit of 262144 bytes" in r.json()["error"]
+    assert len(r.content) < 1000
+
+    def chunks():  # no Content-Length: counted while it is read
+        for _ in range(100):
+            yield b" " * 10_000
+
+    r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "more than" in r.json()["error"]
+    assert client.get("/nope").json()["error"] == "Not Found"  # FastAPI's own errors in the same shape
+
+
+def test_advertised_max_new_tokens_fits_the_context(model_dir):
+    engine = Engine.from_dir(model_dir, policy="none")
+    assert engine.context_length == 256
+    with TestClient(create_app(engine, ServeConfig(max_new_tokens=256))) as c:
+        limit = c.get("/v1/policy").json()["limits"]["max_new_tokens"]
+        assert limit == 256 - len(engine.encode(""))
+        r = c.post("/v1/completions", json={"prompt": "", "max_new_tokens": limit, "temperature": 0})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/completions", json={"prompt": "", "max_new_tokens": limit + 1})
+        assert r.status_code == 422 and f"between 1 and {limit}" in r.json()["error"]
+
+
+def test_loopback_server_checks_the_host_header(model_dir):
+    """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 must not reach the API."""
+    engine = Engine.from_dir(model_dir, policy="none")
+    with background_server(create_app(engine, ServeConfig(allowed_hosts=("pretag.internal",)))) as url:
+        port = url.rsplit(":", 1)[1]
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+            r = httpx.get(url + "/health", headers={"Host": host})
+            assert r.status_code == 421 and "is not served here" in r.json()["error"], host
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_new_tokens": 2},
+                       headers={"Host": "evil.example"})
+        assert r.status_code == 421
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", "pretag.internal", "LOCALHOST"):
+            assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
+        assert httpx.get(url + "/health").status_code == 200

@@ -10,14 +10,19 @@ Routes (JSON unless said otherwise):
   (``?format=prometheus`` for the text exposition format).
 - ``GET /``: the playground page (static HTML/JS/CSS, no build step, nothing fetched from outside).
 
-Every bad request gets a 4xx whose ``error`` names each problem (unknown field, limit exceeded, unknown tag, an
-attempt to lift the operator's floor); a full queue gets 503 with ``Retry-After``.
+Every bad request gets a 4xx whose ``error`` names each problem (unknown field, wrong type, limit exceeded, unknown
+tag, an attempt to lift the operator's floor; at most ``MAX_PROBLEMS`` of them); a full queue gets 503 with
+``Retry-After``. A body over ``max_body_bytes`` gets 413 before it is parsed. A request that reached the server on a
+loopback address must name a loopback host (``localhost``, ``127.0.0.1``, ``[::1]``) or one of ``allowed_hosts`` in
+its ``Host`` header, else 421: a web page whose DNS name was rebound to 127.0.0.1 cannot drive the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import logging
 import time
@@ -30,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pretag.control import TagPolicy
 from pretag.serve.engine import Engine, GenParams
@@ -38,6 +44,12 @@ from pretag.serve.worker import Job, Metrics, QueueFull, Worker
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+MAX_PROBLEMS = 20
+"""An error lists at most this many problems (and says how many it left out): 200k unknown tags gave a 26 MB 422."""
+MAX_TEMPERATURE = 100.0
+"""Beyond this the sampling distribution is uniform to float32 precision; 1e308 overflowed to a 500."""
+MAX_SEED = 2**63 - 1
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -54,17 +66,32 @@ class ServeConfig:
     """Used when a request does not say; capped at ``max_new_tokens``."""
     max_queue: int = 64
     """Requests waiting behind the running one; beyond this the server answers 503 instead of growing memory."""
+    max_body_bytes: int = 256 * 1024
+    """Larger bodies get 413 unread (an 8000-character prompt escaped as ``\\uXXXX`` is 48 kB)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """``Host`` names accepted besides the loopback names on a loopback connection (e.g. a reverse proxy's name)."""
 
     def problems(self) -> list[str]:
         out = []
         for k, v in asdict(self).items():
-            if not isinstance(v, int) or v < 1:
+            if k == "allowed_hosts":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 out.append(f"{k} must be a positive integer, got {v!r}")
         return out
 
+    def limits(self) -> dict[str, int]:
+        """The numeric limits, as ``GET /v1/policy`` advertises them."""
+        return {k: v for k, v in asdict(self).items() if k != "allowed_hosts"}
+
+
+# strict: "10", true and 10.5 are not an int, "yes" is not a bool (JSON numbers stay accepted for floats); NaN and
+# Infinity (which Python's JSON parser reads) are not numbers a request may send
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
 
 class PolicyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     ban: list[str] = Field(default_factory=list)
     allow: list[str] = Field(default_factory=list)
     force: list[str] = Field(default_factory=list)
@@ -74,7 +101,7 @@ class PolicyIn(BaseModel):
 
 
 class CompletionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     prompt: str
     max_new_tokens: int | None = None
     temperature: float = 1.0
@@ -86,9 +113,22 @@ class CompletionIn(BaseModel):
 
 
 def _error(status: int, problems: list[str], headers: dict[str, str] | None = None) -> JSONResponse:
-    """The one error shape: ``error`` (a sentence naming every problem) and ``problems`` (the list)."""
-    msg = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+    """The one error shape: ``error`` (a sentence naming every problem) and ``problems`` (the list).
+
+    At most ``MAX_PROBLEMS`` problems of at most 500 characters each are listed; lone surrogates a client sent (in a
+    field name, say) are escaped, so the answer is always valid UTF-8 JSON.
+    """
+    n = len(problems)
+    problems = [_clip(p) for p in problems[:MAX_PROBLEMS]]
+    if n > MAX_PROBLEMS:
+        problems.append(f"... and {n - MAX_PROBLEMS} more problems")
+    msg = problems[0] if n == 1 else f"{n} problems: " + "; ".join(problems)
     return JSONResponse({"error": msg, "problems": problems}, status_code=status, headers=headers)
+
+
+def _clip(text: str, limit: int = 500) -> str:
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:
@@ -100,6 +140,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     if problems := config.problems():
         raise ValueError("invalid serve config: " + "; ".join(problems))
+    config = _fit_context(engine, config)
     metrics = Metrics()
     worker = Worker(lambda job: _run_job(engine, job, metrics), max_queue=config.max_queue)
 
@@ -111,6 +152,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="pretag serve", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.engine, app.state.config, app.state.metrics, app.state.worker = engine, config, metrics, worker
 
+    app.add_middleware(_Gate, max_body_bytes=config.max_body_bytes, allowed_hosts=config.allowed_hosts,
+                       metrics=metrics)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.incr("rejected")
@@ -120,6 +164,16 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
             msg = "unknown field (not part of the API)" if e.get("type") == "extra_forbidden" else e.get("msg")
             problems.append(f"{where}: {msg}")
         return _error(422, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 4xx (a body nested too deeply to parse, 404, 405) in the documented shape, not {"detail"}
+        if 400 <= exc.status_code < 500:
+            metrics.incr("rejected")
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if detail == "There was an error parsing the body":
+            detail = "body: not a JSON document this server can parse (nested too deeply?)"
+        return _error(exc.status_code, [detail], headers=getattr(exc, "headers", None))
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -145,7 +199,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     def policy() -> dict[str, Any]:
         return {"schema": engine.schema.name, "tags": engine.schema.tag_names,
                 "bad_tags": [a.tags[v] for a in engine.schema.attributes for v in a.bad],
-                "operator": describe(engine.operator), "limits": asdict(config)}
+                "operator": describe(engine.operator), "limits": config.limits()}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionIn) -> Any:
@@ -192,16 +246,22 @@ def _check(engine: Engine, config: ServeConfig, body: CompletionIn) -> tuple[Gen
     problems: list[str] = []
     n_new = body.max_new_tokens if body.max_new_tokens is not None else min(config.default_new_tokens,
                                                                             config.max_new_tokens)
-    if len(body.prompt) > config.max_prompt_chars:
+    prompt_ok = len(body.prompt) <= config.max_prompt_chars
+    if not prompt_ok:
         problems.append(f"prompt: {len(body.prompt)} characters exceeds the limit of {config.max_prompt_chars}")
+    elif (bad := _lone_surrogate(body.prompt)) is not None:
+        prompt_ok = False
+        problems.append(f"prompt: not valid Unicode text (a lone surrogate at character {bad})")
     if not 1 <= n_new <= config.max_new_tokens:
         problems.append(f"max_new_tokens: must be between 1 and {config.max_new_tokens}, got {n_new}")
-    if body.temperature < 0:
-        problems.append(f"temperature: must be >= 0 (0 = greedy), got {body.temperature}")
+    if not 0 <= body.temperature <= MAX_TEMPERATURE:
+        problems.append(f"temperature: must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {body.temperature}")
     if body.top_k is not None and body.top_k < 1:
         problems.append(f"top_k: must be >= 1, got {body.top_k}")
     if body.top_p is not None and not 0 < body.top_p <= 1:
         problems.append(f"top_p: must be in (0, 1], got {body.top_p}")
+    if body.seed is not None and not 0 <= body.seed <= MAX_SEED:
+        problems.append(f"seed: must be in [0, 2**63 - 1], got {body.seed}")
     request = RequestPolicy(**body.policy.model_dump())
     effective = None
     try:
@@ -209,7 +269,7 @@ def _check(engine: Engine, config: ServeConfig, body: CompletionIn) -> tuple[Gen
     except PolicyFloorError as e:
         problems.extend(e.problems)
     prompt_ids: list[int] = []
-    if len(body.prompt) <= config.max_prompt_chars and effective is not None:
+    if prompt_ok and effective is not None:
         prompt_ids = engine.encode(body.prompt, effective)
         limit = min(config.max_prompt_tokens, engine.context_length - min(n_new, config.max_new_tokens))
         if len(prompt_ids) > limit:
@@ -221,6 +281,28 @@ def _check(engine: Engine, config: ServeConfig, body: CompletionIn) -> tuple[Gen
     params = GenParams(max_new_tokens=n_new, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                        seed=body.seed)
     return params, prompt_ids, effective
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone UTF-16 surrogate (JSON's ``"\\ud800"``), which no tokenizer can encode; else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _fit_context(engine: Engine, config: ServeConfig) -> ServeConfig:
+    """Cap ``max_new_tokens`` so that it fits the context after the shortest prompt (document start and forced
+    tags): on a 256-token model the default 256 advertised a maximum that every request was refused at."""
+    room = engine.context_length - len(engine.encode(""))
+    if room < 1:
+        raise ValueError(f"the model's context ({engine.context_length} tokens) leaves no room to generate")
+    if config.max_new_tokens <= room:
+        return config
+    log.warning("max_new_tokens %d capped at %d: the model's context is %d tokens", config.max_new_tokens, room,
+                engine.context_length)
+    return dataclasses.replace(config, max_new_tokens=room, default_new_tokens=min(config.default_new_tokens, room))
 
 
 def _run_job(engine: Engine, job: Job, metrics: Metrics) -> None:
@@ -257,6 +339,81 @@ async def _stream(job: Job, start: dict[str, Any], metrics: Metrics, t0: float):
             yield _sse(ev["event"], ev["data"])
     finally:
         job.cancelled.set()
+
+
+class _Gate:
+    """ASGI middleware in front of every route: the ``Host`` check (DNS rebinding) and the body size cap.
+
+    A connection that arrived on a loopback address (uvicorn puts the socket's own address in ``scope["server"]``)
+    must name a loopback host or one of ``allowed_hosts``: a page on ``evil.example`` whose DNS name was rebound to
+    127.0.0.1 sends ``Host: evil.example`` and gets 421. Connections on other addresses are not checked (an
+    operator who binds beyond loopback is warned that the API has no authentication). The body is read here, up to
+    ``max_body_bytes`` (413 beyond, whether or not a ``Content-Length`` said so), then handed on unchanged.
+    """
+
+    def __init__(self, app, max_body_bytes: int, allowed_hosts: tuple[str, ...], metrics: Metrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        self.allowed = {h.lower().strip("[]") for h in (*LOOPBACK_HOSTS, *allowed_hosts)}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        if _is_loopback(scope.get("server")) and _host_name(headers.get("host", "")) not in self.allowed:
+            return await self._refuse(scope, receive, send, 421, f"Host {headers.get('host', '')!r} is not served "
+                                      f"here: a server bound to loopback answers only {', '.join(LOOPBACK_HOSTS)} "
+                                      f"(and --allow-host names)")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._refuse(scope, receive, send, 413, self._too_large(int(declared)))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return await self._refuse(scope, receive, send, 413, self._too_large(size, at_least=True))
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: http.disconnect, which cancels a stream
+
+        return await self.app(scope, replay, send)
+
+    def _too_large(self, size: int, at_least: bool = False) -> str:
+        return (f"body: {'more than ' if at_least else ''}{size} bytes exceeds the limit of {self.max_body_bytes} "
+                f"bytes")
+
+    async def _refuse(self, scope, receive, send, status: int, problem: str) -> None:
+        self.metrics.incr("rejected")
+        await _error(status, [problem])(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """``Host`` header without its port: ``localhost:8000`` -> ``localhost``, ``[::1]:8000`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_loopback(server: tuple[str, int] | None) -> bool:
+    if not server:
+        return False
+    try:
+        return ipaddress.ip_address(server[0]).is_loopback
+    except ValueError:
+        return server[0] == "localhost"
 
 
 def _prometheus(snap: dict[str, Any]) -> str:

@@ -53,6 +53,9 @@ class Engine:
         self.model, self.tokenizer, self.schema = model.eval(), tokenizer, schema
         self.operator = operator if operator is not None else load_operator_policy(None, schema)
         self.operator.validate(schema)
+        from pretag.serve.floor import RequestPolicy, merge
+
+        merge(self.operator, RequestPolicy(), schema)  # a floor whose switch lifts its own bans fails here, once
         self.name = name
         self.device = str(next(model.parameters()).device)
         self.context_length = int(getattr(model.config, "n_positions", None)

@@ -14,7 +14,8 @@ bias a tag          allowed for any tag that is not banned; replaces the operato
                     (a bias steers, it does not forbid: an operator who needs a guarantee bans)
 force a tag         allowed unless banned or the operator forces another value of the same attribute
 allow / bias /      **rejected** (422) naming the tag: a request may not lift an operator ban or force
-force a banned tag
+force a banned tag  (``allow``/``bias``/``force`` of a value the operator's ``force`` excludes, ``ban`` of a
+                    forced tag)
 raise an alarm      **rejected** (422) naming the tag and both thresholds (the operator's alarm would keep
                     firing anyway, so the request would silently not get what it asked for)
 turn off stopping   **rejected** (422) when the operator's policy stops generation on an alarm
@@ -22,16 +23,20 @@ turn off stopping   **rejected** (422) when the operator's policy stops generati
 
 Rejecting rather than silently merging is deliberate: a client that believes it allowed a tag should learn that it
 did not, instead of reading output produced under rules it did not ask for. Every problem is reported at once.
-The operator's ``force_at``, dynamic rules (bans after N tokens, switches) and alarms are copied unchanged.
+The operator's ``force_at``, dynamic rules (bans after N tokens) and alarms are copied unchanged; a ``switch`` rule's
+target additionally keeps every ban in force before the switch (the operator's, the request's and the siblings of
+every forced tag), since a switch replaces the whole policy and must tighten, never lift.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretag.control import Rule, TagPolicy
+from pretag.control import Rule, TagPolicy, load_policy
+from pretag.policy import MAX_BIAS
 from pretag.schema import Schema
 
 
@@ -91,8 +96,9 @@ def merge(operator: TagPolicy, request: RequestPolicy, schema: Schema) -> TagPol
     for t in sorted(set(request.ban) & (set(request.allow) | set(request.force) | set(request.bias))):
         problems.append(f"policy: tag {t!r} is banned by this request, so it cannot also be allowed/forced/biased")
     for t, b in request.bias.items():
-        if not math.isfinite(b):
-            problems.append(f"policy.bias[{t!r}]: must be a finite number, got {b} (use ban to forbid a tag)")
+        if not math.isfinite(b) or abs(b) > MAX_BIAS:
+            problems.append(f"policy.bias[{t!r}]: must be a finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {b} "
+                            "(use ban to forbid a tag)")
     for t, th in request.alarms.items():
         if not 0.0 <= th <= 1.0:
             problems.append(f"policy.alarms[{t!r}]: threshold must be a probability in [0, 1], got {th}")
@@ -101,14 +107,16 @@ def merge(operator: TagPolicy, request: RequestPolicy, schema: Schema) -> TagPol
     for verb in ("allow", "force", "bias"):
         for t in sorted(op_ban & set(getattr(request, verb))):
             problems.append(f"tag {t!r} is banned by the operator's policy; a request may not {verb} it")
-    for t in request.force:
-        if t not in known:
-            continue
-        attr = schema.attribute_of_tag(t)[0]
-        for f in operator.force:
-            if f != t and schema.attribute_of_tag(f)[0].name == attr.name:
-                problems.append(f"tag {t!r}: the operator's policy forces {f!r} for attribute {attr.name!r}; "
-                                f"a request may not force another value")
+    # a forced tag is the only allowed value of its attribute: its siblings are banned as surely as a ban bans
+    for f in operator.force:
+        attr = schema.attribute_of_tag(f)[0]
+        for verb in ("allow", "force", "bias"):
+            for t in getattr(request, verb):
+                if t != f and t in attr.tags.values():
+                    problems.append(f"tag {t!r}: the operator's policy forces {f!r} for attribute {attr.name!r}; "
+                                    f"a request may not {verb} another value")
+        if f in request.ban:
+            problems.append(f"tag {f!r} is forced by the operator's policy; a request may not ban it")
     floors = alarm_thresholds(operator)
     for t, th in sorted(request.alarms.items()):
         if t in floors and th > floors[t]:
@@ -121,15 +129,45 @@ def merge(operator: TagPolicy, request: RequestPolicy, schema: Schema) -> TagPol
         raise PolicyFloorError(problems)
 
     ban = list(dict.fromkeys([*operator.ban, *request.ban]))
+    force = list(dict.fromkeys([*operator.force, *request.force]))
     bias = {t: b for t, b in {**operator.bias, **request.bias}.items() if t not in ban}
     action = "stop" if request.stop_on_alarm else "flag"
-    rules = list(operator.rules) + [Rule(action, watch=t, above=float(th), name=f"request:{t}>{th:g}")
-                                    for t, th in request.alarms.items()]
-    merged = TagPolicy(ban=ban, force=list(dict.fromkeys([*operator.force, *request.force])),
-                       allow=[t for t in operator.allow if t not in ban], bias=bias, force_at=operator.force_at,
-                       rules=rules, name=f"{operator.name}+request")
+    rules = [_keep_bans(r, ban, force, schema, problems) for r in operator.rules]
+    rules += [Rule(action, watch=t, above=float(th), name=f"request:{t}>{th:g}") for t, th in request.alarms.items()]
+    if problems:
+        raise PolicyFloorError(problems)
+    merged = TagPolicy(ban=ban, force=force, allow=[t for t in operator.allow if t not in ban], bias=bias,
+                       force_at=operator.force_at, rules=rules, name=f"{operator.name}+request")
     try:
         merged.validate(schema)
     except ValueError as e:  # e.g. a request that bans every value of an attribute that must be forced
         raise PolicyFloorError([f"the merged policy is invalid: {e}"]) from e
     return merged
+
+
+def _keep_bans(rule: Rule, ban: list[str], force: list[str], schema: Schema, problems: list[str]) -> Rule:
+    """A ``switch`` rule whose target also bans everything the merged policy bans before the switch.
+
+    A switch replaces the row's whole policy, so a target written by the operator (``{ban: [four tags]}``) would
+    silently lift a request's own ban (``grade:14+``: written in 4 of 10 seeded requests after the switch) and the
+    siblings of every forced tag. A switch may tighten, never lift; a target that forces a tag banned before the
+    switch is a problem of the request (or, with an empty request, of the operator's floor).
+    """
+    if rule.action != "switch" or rule.policy is None:
+        return rule
+    target = rule.policy if isinstance(rule.policy, TagPolicy) else load_policy(rule.policy, schema)
+    kept = list(ban)
+    for f in force:  # siblings of a forced tag
+        kept += [t for t in schema.attribute_of_tag(f)[0].tags.values() if t != f]
+    kept = [t for t in dict.fromkeys(kept) if t not in target.ban]
+    for t in kept:
+        if t in target.force:
+            problems.append(f"the operator's rule {rule.label!r} switches to a policy that forces {t!r}, which is "
+                            f"banned before the switch; a switch may not lift a ban")
+    if not kept:
+        return rule
+    new_target = dataclasses.replace(target, ban=[*target.ban, *kept],
+                                     allow=[t for t in target.allow if t not in kept],
+                                     bias={t: b for t, b in target.bias.items() if t not in kept},
+                                     name=f"{target.name}+kept-bans")
+    return dataclasses.replace(rule, policy=new_target)
