@@ -30,12 +30,12 @@ from typing import Any
 
 import yaml
 
-from pretag.objectives import OBJECTIVES
+from pretag.objectives import OBJECTIVES, PAPER_OBJECTIVES
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_DIR = Path(__file__).parent / "configs" / "experiments"
-METHODS = tuple(OBJECTIVES)  # every objective, in the paper's order
+METHODS = PAPER_OBJECTIVES  # the default set: the paper's six, in its order (any of OBJECTIVES may be named)
 
 
 # ---- config -----------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def config_from_dict(d: dict[str, Any], *, quick: bool = False, where: str = "<d
     if not isinstance(methods, list) or (not methods and not pre):
         problems.append("methods: a non-empty list is required")
         methods = []
-    problems += [f"methods: unknown objective {m!r} (known: {', '.join(METHODS)})" for m in methods if m not in METHODS]
+    problems += [f"methods: unknown objective {m!r} (known: {', '.join(OBJECTIVES)})" for m in methods if m not in OBJECTIVES]
     tokens = d.get("tokens", 1_000_000)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         problems.append(f"tokens: a positive integer is required, got {tokens!r}")
@@ -162,13 +162,13 @@ def config_from_dict(d: dict[str, Any], *, quick: bool = False, where: str = "<d
     ft = sections["finetune"]
     if not 0 < ft.pretrain_fraction < 1:
         problems.append(f"finetune.pretrain_fraction must be in (0, 1), got {ft.pretrain_fraction!r}")
-    if ft.method not in METHODS:
+    if ft.method not in OBJECTIVES:
         problems.append(f"finetune.method: unknown objective {ft.method!r}")
     hf = d.get("heldout_fraction", 0.05)
     if not isinstance(hf, int | float) or not 0 < hf < 1:
         problems.append(f"heldout_fraction must be in (0, 1), got {hf!r}")
     mo = d.get("method_overrides") or {}
-    problems += [f"method_overrides: unknown objective {m!r}" for m in mo if m not in METHODS]
+    problems += [f"method_overrides: unknown objective {m!r}" for m in mo if m not in OBJECTIVES]
     problems += _train_key_problems(d.get("train"), mo)
     if problems:
         raise ValueError(f"{where}: {len(problems)} problem(s) in the experiment config:\n  - " + "\n  - ".join(problems))

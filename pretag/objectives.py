@@ -44,29 +44,38 @@ class TokenBatch:
     bad: Tensor  # bool: the target's segment is misaligned (R(x_i) beyond the threshold t)
     is_tag: Tensor  # bool: the target is a tag token
     values: Tensor | None = None  # V(x_<i) from the value head (awr only)
+    cf_logp: Tensor | None = None  # log π(x_i | x'_<i), the prefix with every bad tag swapped for good (cond_ul)
 
     @property
     def n(self) -> Tensor:
         return self.mask.sum().clamp(min=1.0)
 
 
-def shift(logits: Tensor, batch: dict[str, Tensor], values: Tensor | None = None) -> TokenBatch:
-    """The one label shift: the logits at position i-1 predict token i; metadata follows the target.
-
-    ``logits`` (B, T, V); ``batch`` holds ``input_ids``, ``reward``, ``bad``, ``is_tag``, ``mask`` as (B, T);
-    ``values`` (B, T) is the value head read at every position.
-    """
-    targets = batch["input_ids"][:, 1:]  # (B, T-1)
+def target_logp(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log π(x_i | x_<i) for i >= 1: (B, T, V) logits and (B, T) ids -> (B, T-1)."""
+    targets = input_ids[:, 1:]  # (B, T-1)
     pred = logits[:, :-1].float()  # (B, T-1, V)
     # cross_entropy is the fused log_softmax + gather: -log π(x_i | x_<i)
     logp = -F.cross_entropy(pred.reshape(-1, pred.size(-1)), targets.reshape(-1), reduction="none")
+    return logp.view(targets.shape)
+
+
+def shift(logits: Tensor, batch: dict[str, Tensor], values: Tensor | None = None,
+          cf_logits: Tensor | None = None) -> TokenBatch:
+    """The one label shift: the logits at position i-1 predict token i; metadata follows the target.
+
+    ``logits`` (B, T, V); ``batch`` holds ``input_ids``, ``reward``, ``bad``, ``is_tag``, ``mask`` as (B, T);
+    ``values`` (B, T) is the value head read at every position. ``cf_logits`` (B, T, V): the model's logits on the
+    counterfactual input (bad tags swapped for good ones), scored against the *original* targets.
+    """
     return TokenBatch(
-        logp=logp.view(targets.shape),
+        logp=target_logp(logits, batch["input_ids"]),
         mask=batch["mask"][:, 1:].float(),
         reward=batch["reward"][:, 1:].float(),
         bad=batch["bad"][:, 1:].bool(),
         is_tag=batch["is_tag"][:, 1:].bool(),
         values=None if values is None else values[:, :-1].float(),
+        cf_logp=None if cf_logits is None else target_logp(cf_logits, batch["input_ids"]),
     )
 
 
@@ -116,6 +125,30 @@ def unlikelihood(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str
                   "ul_bad": (ul_sum / badm.sum().clamp(min=1)).item(), "bad_frac": (badm.sum() / tb.n).item()}
 
 
+def _log1mp(logp: Tensor) -> Tensor:
+    """log(1 - p) from log p, as log(-expm1(log p)), clamped at 1e-5 so a near-certain token keeps a finite gradient."""
+    return torch.log(torch.clamp(-torch.expm1(logp), min=1e-5))
+
+
+def conditional_ul(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+    """Conditional training plus a counterfactual unlikelihood term (ours; no paper has tried it).
+
+    L = -Σ_i log π(c_i, x_i | ...) - α Σ_{i: x_i text of a bad segment} log(1 - π(x_i | x'_<i)), where x' is the
+    same prefix with every bad tag replaced by its attribute's good tag. The first term is Eq. 5 unchanged, so the
+    model still learns what bad text looks like after <|bad|> (and the monitor can read its temptation); the second
+    pushes the same bad tokens away *under <|good|>*, the context generation uses, instead of waiting for the tag to
+    be learned from the marginal ("marginals before conditionals"). Costs a second forward pass.
+    """
+    if tb.cf_logp is None:
+        raise ValueError("conditional_ul needs the counterfactual log-probabilities (TokenBatch.cf_logp is None)")
+    nll_sum = -(tb.logp * tb.mask).sum()
+    badm = tb.mask * (tb.bad & ~tb.is_tag).float()
+    ul_sum = -(_log1mp(tb.cf_logp) * badm).sum()
+    loss = (nll_sum + cfg.alpha * ul_sum) / tb.n
+    return loss, {"nll": (nll_sum / tb.n).item(), "ul_bad_under_good": (ul_sum / badm.sum().clamp(min=1)).item(),
+                  "nll_tag": _nll(tb, tb.is_tag).item()}
+
+
 def rwr(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
     """Reward-weighted regression (paper Eq. 7): L = -Σ_i log π(x_i | x_<i) exp(R(x_i) / β), weights clipped."""
     w = torch.clamp(torch.exp(tb.reward / cfg.beta), max=cfg.weight_clip)
@@ -144,9 +177,11 @@ def awr(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]
 Objective = Callable[[TokenBatch, ObjectiveConfig], tuple[Tensor, dict[str, float]]]
 OBJECTIVES: dict[str, Objective] = {
     "mle": mle, "filter": filtering, "conditional": conditional,
-    "unlikelihood": unlikelihood, "rwr": rwr, "awr": awr,
+    "unlikelihood": unlikelihood, "rwr": rwr, "awr": awr, "conditional_ul": conditional_ul,
 }
-USES_TAGS = {"conditional"}  # tag ids go into the training text only for these
+PAPER_OBJECTIVES = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")  # the paper's six (Fig. 2)
+USES_TAGS = {"conditional", "conditional_ul"}  # tag ids go into the training text only for these
+NEEDS_COUNTERFACTUAL = {"conditional_ul"}  # these also run the model on the input with bad tags swapped for good
 NEEDS_VALUES = {"awr"}  # these need a value head
 FILTERS_DATA = {"filter"}  # these drop misaligned documents before packing
 

@@ -195,6 +195,24 @@ def check_text(text: Any, what: str = "text") -> str:
     return text
 
 
+def good_swap(tokenizer, schema: Schema) -> dict[int, int]:
+    """Tag id -> id to put in its place for the counterfactual "had this segment been tagged good" input: each
+    bad value's tag (open and, for spans, close) maps to its attribute's first non-bad value; others are kept."""
+    ids = tag_ids(tokenizer, schema)
+    swap: dict[int, int] = {}
+    for a in schema.attributes:
+        good = [v for v in a.values if v not in a.bad]
+        if not good:
+            continue
+        to = a.tags[good[0]]
+        for v in a.bad:
+            t = a.tags[v]
+            swap[ids[schema.open_token(t)]] = ids[schema.open_token(to)]
+            if schema.close_token(t) is not None:
+                swap[ids[schema.close_token(t)]] = ids[schema.close_token(to)]
+    return swap
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Encode user or corpus text so that it can never produce a tag (or any special) token id.
 

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pretag.objectives import FILTERS_DATA, NEEDS_VALUES, OBJECTIVES, USES_TAGS, ObjectiveConfig
+from pretag.objectives import (
+    FILTERS_DATA,
+    NEEDS_COUNTERFACTUAL,
+    NEEDS_VALUES,
+    OBJECTIVES,
+    USES_TAGS,
+    ObjectiveConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -400,8 +407,16 @@ def _trainer_class():
     from pretag.objectives import shift, text_nll
 
     class PretagTrainer(Trainer):
-        def __init__(self, *args, pretag_cfg: TrainConfig, tokens_per_step: int, **kwargs):
+        def __init__(self, *args, pretag_cfg: TrainConfig, tokens_per_step: int, good_swap: dict | None = None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
+            self.swap = None  # conditional_ul: a (V,) id map that swaps every bad tag for its good one
+            if good_swap:
+                import torch
+
+                self.swap = torch.arange(len(self.processing_class))
+                for k, v in good_swap.items():
+                    self.swap[k] = v
             self.pretag_cfg = pretag_cfg
             self.objective = OBJECTIVES[pretag_cfg.method]
             self.objective_cfg = pretag_cfg.objective_config()
@@ -419,7 +434,11 @@ def _trainer_class():
             if need_values:
                 head = getattr(self.accelerator.unwrap_model(model), VALUE_HEAD)
                 values = head(out.hidden_states[-1]).squeeze(-1)  # (B, T)
-            tb = shift(out.logits, inputs, values)
+            cf_logits = None
+            if model.training and self.pretag_cfg.method in NEEDS_COUNTERFACTUAL:
+                cf_ids = self.swap.to(inputs["input_ids"].device)[inputs["input_ids"]]
+                cf_logits = model(input_ids=cf_ids, use_cache=False).logits
+            tb = shift(out.logits, inputs, values, cf_logits)
             if model.training:
                 loss, logs = self.objective(tb, self.objective_cfg)
                 for k, v in logs.items():
@@ -597,6 +616,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
     from transformers.trainer_callback import ProgressCallback
 
     from pretag import models
+    from pretag.tokens import good_swap
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -640,6 +660,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
         model=model, args=args, train_dataset=BlockDataset(prep.train),
         eval_dataset=BlockDataset(prep.eval) if eval_on else None, data_collator=default_data_collator,
         processing_class=tokenizer, callbacks=callbacks, pretag_cfg=run_cfg, tokens_per_step=tokens_per_step,
+        good_swap=good_swap(tokenizer, prep.schema) if cfg.method in NEEDS_COUNTERFACTUAL else None,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress)

@@ -10,6 +10,7 @@ from pretag.objectives import (
     ObjectiveConfig,
     awr,
     conditional,
+    conditional_ul,
     mle,
     rwr,
     shift,
@@ -152,7 +153,7 @@ def test_awr_value_head_learns_only_from_the_value_loss():
 def test_every_objective_returns_a_scalar_and_float_logs():
     b = batch([0, 1, 1, 0], reward=[0, -0.5, 0.0, -1.0], bad=[False, True, False, True])
     for name, fn in OBJECTIVES.items():
-        loss, logs = fn(shift(torch.zeros(1, 4, 2), b, torch.zeros(1, 4)), ObjectiveConfig())
+        loss, logs = fn(shift(torch.zeros(1, 4, 2), b, torch.zeros(1, 4), torch.zeros(1, 4, 2)), ObjectiveConfig())
         assert loss.dim() == 0 and math.isfinite(loss.item()), name
         assert all(isinstance(v, float) for v in logs.values()), name
 
@@ -160,6 +161,25 @@ def test_every_objective_returns_a_scalar_and_float_logs():
 def test_cli_and_experiment_offer_exactly_the_registered_objectives():
     from pretag.commands.train import METHODS as CLI_METHODS
     from pretag.experiment import METHODS
-    from pretag.objectives import OBJECTIVES
+    from pretag.objectives import OBJECTIVES, PAPER_OBJECTIVES
 
-    assert tuple(OBJECTIVES) == METHODS == CLI_METHODS
+    assert tuple(OBJECTIVES) == CLI_METHODS
+    assert METHODS == PAPER_OBJECTIVES == tuple(OBJECTIVES)[:6]  # an experiment runs the paper's six by default
+
+
+def test_conditional_ul_closed_form_bad_text_is_pushed_down_under_the_counterfactual_prefix():
+    # tokens: 0 = text, 1 = tag. Targets 1..3: a tag, then two text tokens of a bad segment, then good text.
+    b = batch([0, 1, 0, 0, 0], bad=[False, True, True, True, False], is_tag=[False, True, False, False, False])
+    real = logits_for([0.0, 0.0, 0.0, 0.0, 0.0])  # p(token 0) = 0.5 everywhere
+    cf = logits_for([0.0, 0.0, math.log(3.0), 0.0, 0.0])  # under <|good|>: p(0) = 0.75 at position 2, else 0.5
+    loss, logs = conditional_ul(shift(real, b, cf_logits=cf), ObjectiveConfig(alpha=2.0))
+    # NLL: 4 targets at log 2. UL: bad *text* targets are positions 2 and 3 (the tag at 1 is excluded):
+    # -log(1 - 0.75) at target 3 (predicted from position 2), -log(1 - 0.5) at target 2 (from position 1)
+    ul = -math.log(0.25) - math.log(0.5)
+    assert loss.item() == pytest.approx((4 * LOG2 + 2.0 * ul) / 4, rel=1e-5)
+    assert logs["ul_bad_under_good"] == pytest.approx(ul / 2, rel=1e-5)
+    # with alpha = 0 it is conditional training exactly
+    l0, _ = conditional_ul(shift(real, b, cf_logits=cf), ObjectiveConfig(alpha=0.0))
+    assert l0.item() == pytest.approx(conditional(shift(real, b), ObjectiveConfig())[0].item())
+    with pytest.raises(ValueError, match="counterfactual"):
+        conditional_ul(shift(real, b), ObjectiveConfig())

@@ -377,3 +377,15 @@ def test_percentile_filter_drops_the_worst_fraction_of_documents():
     assert [r["id"] for r in kept] == [str(i) for i in range(8)]  # the two highest averages go
     with pytest.raises(ValueError, match="filter_drop"):
         percentile_filter(schema, rows, 1.0)
+
+
+def test_good_swap_maps_each_bad_tag_to_its_attributes_good_tag(tok, toy):
+    from pretag.tokens import good_swap, tag_ids
+
+    ids = tag_ids(tok, toy)
+    swap = good_swap(tok, toy)
+    for a in toy.attributes:
+        good = next(v for v in a.values if v not in a.bad)
+        for v in a.bad:
+            assert swap[ids[toy.open_token(a.tags[v])]] == ids[toy.open_token(a.tags[good])]
+    assert not set(swap.values()) & set(swap)  # a good tag is never swapped

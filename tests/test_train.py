@@ -97,7 +97,7 @@ def test_every_shipped_config_resolves_for_every_method():
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"])
+@pytest.mark.parametrize("method", ["mle", "filter", "conditional", "unlikelihood", "rwr", "awr", "conditional_ul"])
 def test_each_method_changes_parameters_with_finite_losses(data, tmp_path, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,7 +113,7 @@ def test_each_method_changes_parameters_with_finite_losses(data, tmp_path, metho
     changed = [n for n, p in trained.state_dict().items()
                if p.is_floating_point() and not torch.equal(p, init.state_dict()[n])]
     assert len(changed) >= 0.8 * sum(1 for p in init.state_dict().values() if p.is_floating_point())
-    if method == "conditional":
+    if method in ("conditional", "conditional_ul"):
         assert res.stats["tag_tokens"] > 0
     else:
         assert res.stats["tag_tokens"] == 0
@@ -124,6 +124,8 @@ def test_each_method_changes_parameters_with_finite_losses(data, tmp_path, metho
         assert not any("value_head" in k for k in trained.state_dict())
     metrics = (res.out / "metrics.csv").read_text()
     assert "tokens_per_s" in metrics and "eval_loss" in metrics
+    if method == "conditional_ul":  # the counterfactual term ran and was logged
+        assert "obj/ul_bad_under_good" in metrics
     assert list((res.out / "tensorboard").glob("events.*"))
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train a model with mle, filter, conditional, unlikelihood, rwr or awr"
-METHODS = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")  # = pretag.objectives.OBJECTIVES (tested);
+HELP = "train a model with mle, filter, conditional, unlikelihood, rwr, awr or conditional_ul"
+METHODS = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr", "conditional_ul")  # = OBJECTIVES (tested);
 # spelled out so that `pretag --help` does not import torch
 
 
