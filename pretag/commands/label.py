@@ -5,7 +5,7 @@ Examples:
   pretag label fortunes --schema multi --out runs/fortunes-multi
   pretag label data.jsonl --text-column body --schema my_schema.yaml --out runs/mine --engine ray
 
-SOURCE is a built-in corpus (stdlib, fortunes), a file or directory of text files, a glob, python:DIR (a Python
+SOURCE is a built-in corpus (stdlib, site-packages, fortunes), a file or directory of text files, a glob, python:DIR (a Python
 source tree), a JSONL/Parquet/CSV/TSV file (one document per row, see --text-column), or a Hugging Face dataset
 saved with save_to_disk. Empty, binary and non-UTF-8 files are skipped and counted. The run is resumable: run
 the same command again after an interruption and finished shards are kept.
@@ -22,7 +22,7 @@ HELP = "segment, score and tag a corpus into a labeled Parquet dataset"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SOURCE", help="corpus: stdlib, fortunes, a path, a glob, python:DIR, ...")
+    p.add_argument("source", metavar="SOURCE", help="corpus: stdlib, site-packages, fortunes, a path, a glob, python:DIR, ...")
     p.add_argument("--schema", required=True, metavar="NAME|FILE",
                    help="a shipped schema (pep8, pii, toxicity, sentiment, multi) or a YAML file")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; reused to resume)")
