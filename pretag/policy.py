@@ -110,7 +110,7 @@ class TagPolicy:
                 check(t, verb)
         for t, b in self.bias.items():
             check(t, "bias")
-            if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or abs(b) > MAX_BIAS:
+            if isinstance(b, bool) or not isinstance(b, int | float) or abs(b) > MAX_BIAS or not math.isfinite(b):
                 problems.append(f"bias: value for {t!r} must be a finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
                                 f"got {b!r} (use ban to forbid a tag)")
         if self.force_at is not None and self.force_at not in FORCE_AT:

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens one request may generate")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt accepted, in tokens")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 503")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name accepted on loopback besides localhost/127.0.0.1/[::1], e.g. a reverse proxy's "
+                        "(repeatable; other names get 421, against DNS rebinding)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from pretag.serve.app import ServeConfig
 
     config = ServeConfig(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                         max_queue=args.max_queue)
+                         max_queue=args.max_queue, allowed_hosts=tuple(args.allow_host))
     problems += [f"--{p.replace('_', '-')}" for p in config.problems()]
     if problems:
         raise UserError("; ".join(problems))
@@ -60,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         engine = Engine.from_dir(args.model, policy=args.policy, device=device)
-    except ValueError as e:  # policy or model problems, already naming what is wrong
+        app = create_app(engine, config)
+    except ValueError as e:  # policy, model or limit problems, already naming what is wrong
         raise UserError(str(e)) from e
-    app = create_app(engine, config)
     print(f"pretag serve: {args.model} on http://{args.host}:{args.port}/ (playground at /, API at /v1/completions)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("pretag serve: warning: listening beyond loopback; the API has no authentication")

@@ -96,7 +96,7 @@ def merge(operator: TagPolicy, request: RequestPolicy, schema: Schema) -> TagPol
     for t in sorted(set(request.ban) & (set(request.allow) | set(request.force) | set(request.bias))):
         problems.append(f"policy: tag {t!r} is banned by this request, so it cannot also be allowed/forced/biased")
     for t, b in request.bias.items():
-        if not math.isfinite(b) or abs(b) > MAX_BIAS:
+        if abs(b) > MAX_BIAS or not math.isfinite(b):
             problems.append(f"policy.bias[{t!r}]: must be a finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {b} "
                             "(use ban to forbid a tag)")
     for t, th in request.alarms.items():

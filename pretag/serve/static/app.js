@@ -4,7 +4,16 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const COLORS = ["#dc2626", "#2563eb", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+// A series' colour says what its tag means: the schema's bad tags in warm colours (the first red), the others in
+// cool ones (the first blue), so the `bad` line is red and the `good` one blue whatever the schema's tag order.
+const BAD_COLORS = ["#dc2626", "#ea580c", "#db2777", "#ca8a04"];
+const OTHER_COLORS = ["#2563eb", "#16a34a", "#9333ea", "#0891b2"];
+function tagColor(tag) {
+  const bad = state.info.bad_tags.includes(tag);
+  const group = state.info.tags.filter((t) => state.info.bad_tags.includes(t) === bad);
+  const colors = bad ? BAD_COLORS : OTHER_COLORS;
+  return colors[group.indexOf(tag) % colors.length];
+}
 const state = { info: null, tokens: [], alarms: [], policy: null, abort: null };
 
 async function init() {
@@ -116,8 +125,8 @@ function drawChart() {
     parts.push(`<line x1="${L}" x2="${W - R}" y1="${y(10 ** d)}" y2="${y(10 ** d)}" stroke="#eee"/>`,
       `<text x="2" y="${y(10 ** d) + 4}" font-size="10">1e${d}</text>`);
   }
-  tags.forEach((tag, k) => {
-    const color = COLORS[k % COLORS.length];
+  tags.forEach((tag) => {
+    const color = tagColor(tag);
     const th = pol.alarms[tag];
     if (th !== undefined) {
       parts.push(`<line class="threshold" data-tag="${tag}" x1="${L}" x2="${W - R}" y1="${y(th)}" y2="${y(th)}"
@@ -129,8 +138,8 @@ function drawChart() {
       points="${pts.join(" ")}"/>`);
   });
   svg.innerHTML = parts.join("");
-  $("legend").innerHTML = tags.map((tag, k) =>
-    `<span><i style="background:${COLORS[k % COLORS.length]}"></i>${tag}</span>`).join("") +
+  $("legend").innerHTML = tags.map((tag) =>
+    `<span><i style="background:${tagColor(tag)}"></i>${tag}</span>`).join("") +
     `<span class="muted small">log scale; dashed: alarm thresholds</span>`;
 }
 
