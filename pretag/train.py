@@ -13,6 +13,7 @@ machinery, so scaling up is a launcher change, not a code change. Two things are
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -56,13 +57,15 @@ class TrainConfig:
     task: str = "auto"
     """Task preset in configs/train/tasks (auto: the dataset's schema name, else 'default')."""
     tokens: int = 2_000_000
-    """Training budget in tokens; steps = ceil(tokens / (batch_size * grad_accum * block_size * world size))."""
+    """Training budget in tokens; steps = ceil(tokens / (batch_size * grad_accum * block_size))."""
     tokenizer: str | None = None
     """An existing HF tokenizer dir; default: the pretrained model's own, or a BPE trained on the data."""
     vocab_size: int = 8192
     """Vocabulary of a freshly trained tokenizer (tag tokens included)."""
     block_size: int = 256
     batch_size: int = 16
+    """Blocks per micro-batch for the whole job: N processes (torchrun/accelerate) take batch_size / N each, so one
+    command trains the same steps on the same blocks on any number of processes (it must divide by N)."""
     grad_accum: int = 1
     lr: float | None = None
     """Peak learning rate; default 1e-3 for a fresh preset, 1e-4 for a pretrained model, 2e-4 with LoRA."""
@@ -454,8 +457,16 @@ def _trainer_class():
             return loss
 
         def losses_as_floats(self) -> dict[int, float]:
-            """The per-step losses as floats (one sync, at save/end time: not per step)."""
-            self.step_losses = {s: float(v) for s, v in self.step_losses.items()}
+            """The per-step losses as floats, each the mean over the processes (one sync, at save/end time: not per
+            step). Every process must call it (an all-reduce under a launcher)."""
+            import torch
+
+            todo = sorted(s for s, v in self.step_losses.items() if not isinstance(v, float))
+            if todo:
+                local = torch.stack([torch.as_tensor(self.step_losses[s], dtype=torch.float64).detach().cpu()
+                                     for s in todo])
+                mean = _mean_over_ranks(local)
+                self.step_losses.update({s: float(v) for s, v in zip(todo, mean.tolist())})
             return self.step_losses
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -464,8 +475,7 @@ def _trainer_class():
                 if self._clock is not None and step > self._clock[1]:
                     logs["tokens_per_s"] = (step - self._clock[1]) * self.tokens_per_step / (now - self._clock[0])
                 self._clock = (now, step)
-                for k, vs in self._logs.items():
-                    logs[f"obj/{k}"] = sum(vs) / len(vs)
+                logs.update(_gather_logs(self._logs))  # the mean over every process's micro-batches
                 self._logs.clear()
             super().log(logs, start_time)
 
@@ -473,16 +483,19 @@ def _trainer_class():
             # Write into <out>/.staging, then rename: a checkpoint-N that exists is complete.
             real = self.args.output_dir
             staging = os.path.join(real, ".staging")
-            shutil.rmtree(staging, ignore_errors=True)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()  # nobody writes into .staging before it is emptied
             name = f"checkpoint-{self.state.global_step}"
             self.args.output_dir = staging
             try:
-                super()._save_checkpoint(model, trial)
+                super()._save_checkpoint(model, trial)  # rank 0: model, optimizer, state; each rank its RNG
             finally:
                 self.args.output_dir = real
+            step = self.state.global_step  # the losses so far travel with the checkpoint (resume's summary)
+            losses = {s: v for s, v in self.losses_as_floats().items() if s <= step}
+            self.accelerator.wait_for_everyone()  # every rank's rng_state_<rank>.pth is in before the rename
             if self.args.should_save:
-                step = self.state.global_step  # the losses so far travel with the checkpoint (resume's summary)
-                losses = {s: v for s, v in self.losses_as_floats().items() if s <= step}
                 Path(staging, name, LOSSES_FILE).write_text(json.dumps(losses))
                 final = os.path.join(real, name)
                 if os.path.exists(final):
@@ -507,6 +520,37 @@ def _trainer_class():
     return PretagTrainer
 
 
+def _mean_over_ranks(x):
+    """The element-wise mean of a CPU tensor over the launched processes (itself in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    y = x.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y)
+    return y.cpu() / dist.get_world_size()
+
+
+def _gather_logs(logs: dict[str, list]) -> dict[str, float]:
+    """``{name: [per micro-batch values]}`` of this process -> ``{obj/name: mean over every process's
+    micro-batches}``. Called at log time only (one object all-gather), never per step."""
+    import torch.distributed as dist
+
+    local = {k: (float(sum(float(v) for v in vs)), len(vs)) for k, vs in logs.items()}
+    parts = [local]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    total: dict[str, list[float]] = {}
+    for part in parts:
+        for k, (s, n) in part.items():
+            t = total.setdefault(k, [0.0, 0])
+            t[0] += s
+            t[1] += n
+    return {f"obj/{k}": s / n for k, (s, n) in total.items() if n}
+
+
 def mean_step_loss(losses: dict[int, float], steps: int) -> float | None:
     """The mean training loss over every step, the resumed ones included; None if a step's loss is unknown.
 
@@ -528,6 +572,8 @@ def _callbacks(out: Path):
         path = out / "metrics.csv"
 
         def on_train_begin(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
             rows = []
             if self.path.exists():
                 with self.path.open() as f:
@@ -605,6 +651,20 @@ def check_out(cfg: TrainConfig, out: Path, overwrite: bool = False) -> None:
                                   "resume needs the same command; use --overwrite to replace it, or pick a new --out")
 
 
+@contextlib.contextmanager
+def _main_process_first(world: int, use_cpu: bool):
+    """Under a launcher (``world`` > 1), rank 0 runs the block before the other ranks (it yields whether this
+    process is rank 0): the folder checks, ``--overwrite`` and the choice of checkpoint must not race."""
+    if world == 1:
+        yield True
+        return
+    from accelerate import PartialState
+
+    state = PartialState(cpu=use_cpu)  # starts the process group (gloo on CPU, NCCL on GPUs); HF reuses it
+    with state.main_process_first():
+        yield state.is_main_process
+
+
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: bool = False) -> TrainResult:
     """Train ``cfg.model`` on the labeled dataset ``data`` with ``cfg.method``; write a model dir to ``out``.
 
@@ -620,11 +680,16 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
 
     t_start = time.perf_counter()
     out = Path(out)
-    check_out(cfg, out, overwrite)
-    ckpt_dir = out / CHECKPOINTS
-    resume = last_checkpoint(ckpt_dir)
-    saved = out / models.TRAIN_FILE
-    out.mkdir(parents=True, exist_ok=True)
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is the whole job's; it must divide by the {world} processes")
+    with _main_process_first(world, use_cpu) as is_main:  # rank 0 checks (and --overwrite clears) first
+        check_out(cfg, out, overwrite and is_main)
+        ckpt_dir = out / CHECKPOINTS
+        resume = last_checkpoint(ckpt_dir)
+        saved = out / models.TRAIN_FILE
+        out.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg, data, resume_from=resume)
     model, tokenizer = prep.model, prep.tokenizer
     run_cfg = cfg if cfg.beta != "auto" else dataclasses.replace(cfg, beta=prep.stats["beta"])  # beta: auto resolved
@@ -632,12 +697,11 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
         model = models.apply_lora(model, tokenizer, prep.schema, r=cfg.lora_r, alpha=cfg.lora_alpha)
     if cfg.method in NEEDS_VALUES:
         models.attach_value_head(model)
-    saved.write_text(yaml.safe_dump({"config": {k: v for k, v in cfg.to_dict().items() if k != "sources"},
-                                     "sources": cfg.sources, "status": "running"}, sort_keys=False))
+    if is_main:
+        saved.write_text(yaml.safe_dump({"config": {k: v for k, v in cfg.to_dict().items() if k != "sources"},
+                                         "sources": cfg.sources, "status": "running"}, sort_keys=False))
 
-    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size  # the whole job's, on any world size
     steps = math.ceil(cfg.tokens / tokens_per_step)
     lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.model in models.PRESETS else 2e-4 if cfg.lora else 1e-4)
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
@@ -645,8 +709,9 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
     if cfg.precision == "fp16" and use_cpu:
         raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     args = TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, learning_rate=lr,
+        output_dir=str(ckpt_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size // world,
+        per_device_eval_batch_size=cfg.batch_size // world, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=lr,
         lr_scheduler_type=cfg.schedule, warmup_steps=warmup, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, adam_beta2=cfg.adam_beta2, logging_steps=cfg.logging_steps,
         eval_strategy="steps" if eval_on else "no", eval_steps=cfg.eval_steps, save_strategy="steps",
@@ -654,6 +719,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", use_cpu=use_cpu, report_to="none",
         dataloader_num_workers=cfg.num_workers, remove_unused_columns=False, prediction_loss_only=True,
         save_only_model=False, disable_tqdm=False,
+        ddp_find_unused_parameters=False,  # AWR's value head runs outside the DDP forward; every parameter gets a grad
     )
     callbacks, progress = _callbacks(out)
     trainer = _trainer_class()(
