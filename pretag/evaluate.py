@@ -372,6 +372,54 @@ def temptation_warning(schema, samples: Sequence[Sample], labeled: Sequence) -> 
     return out
 
 
+def opening_prompts(schema, attr, rows: Sequence[dict], n: int, *, max_chars: int = 160
+                    ) -> tuple[list[str], list[int]]:
+    """Up to ``n`` held-out openings whose first segments hold a bad one (by the attribute's natural threshold) and
+    as many whose first segments are all clean: (prompts, labels 1 = bad opening). Balanced, deterministic."""
+    bad, clean = [], []
+    for r in rows:
+        segs, scores = list(r["segments"]), list(r.get(f"score__{attr.name}") or [])
+        p, verdicts = "", []
+        for s, sc in zip(segs, scores):
+            if p and len(p) + len(s) > max_chars:
+                break
+            p += s
+            verdicts.append(sc)
+        if not p.strip() or any(v is None for v in verdicts):
+            continue
+        (bad if any(attr.is_bad(v) for v in verdicts) else clean).append(p)
+    k = min(n, len(bad), len(clean))
+    return bad[:k] + clean[:k], [1] * k + [0] * k
+
+
+def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n: int, max_new_tokens: int,
+                   temperature: float = 1.0, batch_size: int = 16, seed: int = 0) -> dict[str, dict]:
+    """Temptation as a warning light for a *context*: continue held-out openings that hold a bad segment and clean
+    ones under the policy (bad tags banned), and ask whether the mean pre-ban P(bad tag) over the continuation
+    separates the two (AUROC; the seed's "warning light" for a prompt pushing the model toward bad text)."""
+    from pretag.generate import GenerateConfig, generate
+
+    out = {}
+    for a in (a for a in schema.segment_attributes if a.bands is None):
+        prompts, labels = opening_prompts(schema, a, rows, n)
+        if not prompts:
+            out[a.name] = {"auroc": float("nan"), "n_bad": 0, "n_clean": 0}
+            continue
+        bad_toks = [schema.open_token(a.tags[v]) for v in a.bad]
+        means = []
+        for b in range(0, len(prompts), batch_size):
+            cfg = GenerateConfig(max_new_tokens=max_new_tokens, n=1, do_sample=True, temperature=temperature,
+                                 seed=seed + b)
+            for seq in generate(model, tokenizer, schema, prompts[b : b + batch_size], policy, cfg).sequences:
+                p = [sum(t.temptation.get(x, 0.0) for x in bad_toks) for t in seq.tokens]
+                means.append(float(np.mean(p)) if p else 0.0)
+        bad_m = [m for m, y in zip(means, labels) if y]
+        clean_m = [m for m, y in zip(means, labels) if not y]
+        out[a.name] = {"auroc": auroc(means, labels), "n_bad": len(bad_m), "n_clean": len(clean_m),
+                       "mean_after_bad": float(np.mean(bad_m)), "mean_after_clean": float(np.mean(clean_m))}
+    return out
+
+
 def redteam_prompts(schema, rows: Sequence[dict], n: int, *, max_chars: int = 200) -> list[str]:
     """Prefixes of the held-out documents the classifiers scored worst: their first segments, up to a third of
     the document and ``max_chars`` (at least one segment), so the model is led into bad territory."""
@@ -611,6 +659,10 @@ def evaluate_model(
                        "tagged": lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size)}
         if tagged:
             res["self_tagging"] = self_tagging(model, tok, schema, held, batch_size=batch_size)
+            # openings are drawn from every held-out document (bad ones are rare), not only the first heldout_docs
+            res["warning_light"] = prompt_warning(model, tok, schema, pol, heldout_rows(model_dir, data),
+                                                  n=max(redteam_n, 8), max_new_tokens=max_new_tokens,
+                                                  temperature=temperature, batch_size=batch_size, seed=seed + 15485863)
         prompts, n_trimmed = fit_prompts(model, tok, schema, pol, redteam_prompts(schema, held, redteam_n),
                                          max_new_tokens)
         if prompts:

@@ -249,6 +249,7 @@ def result_row(run: str, result: dict, train_info: dict | None = None) -> dict[s
         row[f"{attr}.redteam_score"] = _get(result, "redteam", "misalignment", attr, "score", "value")
         row[f"{attr}.selftag_auroc"] = _get(result, "self_tagging", attr, "auroc")
         row[f"{attr}.temptation_auroc"] = _get(result, "temptation", attr, "auroc")
+        row[f"{attr}.warning_auroc"] = _get(result, "warning_light", attr, "auroc")
     est("kl", result.get("kl"))
     row["loss"] = _get(result, "loss", "untagged", "loss")
     row["loss_tagged"] = _get(result, "loss", "tagged", "loss")

@@ -367,3 +367,47 @@ def test_fit_prompts_keeps_the_longest_suffix_that_fits():
         return len(prompt_ids(tok, schema, pol, p))
 
     assert n(out[0]) + 6 <= 16 < n(long[len(long) - len(out[0]) - 1:]) + 6  # one more character would not fit
+
+
+# ---- the warning light on prompts --------------------------------------------------------------------------
+def _warn_rows():
+    rows = []
+    for i in range(6):  # openings with a bad segment (score 0.9) and clean ones (0.1), a long clean tail each
+        bad = i % 2 == 0
+        segs = [f"Opening {i}. ", "tail " * 60]
+        rows.append({"id": str(i), "segments": segs, "text": "".join(segs), "score__x": [0.9 if bad else 0.1, 0.1]})
+    return rows
+
+
+def test_opening_prompts_are_balanced_and_judged_by_the_natural_threshold():
+    from pretag.schema import schema_from_dict
+
+    schema = schema_from_dict({"attributes": [{"name": "x", "scorer": "profanity", "threshold": 0.5,
+                                               "tag_threshold": 0.05}]})
+    prompts, labels = ev.opening_prompts(schema, schema.attributes[0], _warn_rows(), n=2)
+    assert labels == [1, 1, 0, 0]
+    assert prompts == ["Opening 0. ", "Opening 2. ", "Opening 1. ", "Opening 3. "]  # the long tail is cut off
+    # 0.1 is tagged bad for training (tag_threshold 0.05) but is a clean opening for evaluation
+    assert schema.attributes[0].tagged_bad(0.1) and not schema.attributes[0].is_bad(0.1)
+
+
+def test_prompt_warning_averages_the_bad_tags_temptation_over_the_continuation(monkeypatch):
+    from types import SimpleNamespace
+
+    import pretag.generate as gen
+    from pretag.schema import schema_from_dict
+
+    schema = schema_from_dict({"attributes": [{"name": "x", "scorer": "profanity", "threshold": 0.5}]})
+
+    def fake_generate(model, tokenizer, schema, prompts, policy, cfg):  # P(bad) 0.6 then 0.2 after a bad opening
+        def seq(p):
+            hi = int(p.split()[1].rstrip(".")) % 2 == 0
+            temps = [0.6, 0.2] if hi else [0.1, 0.1]
+            return SimpleNamespace(tokens=[SimpleNamespace(temptation={"<|bad|>": t, "<|good|>": 0.5}) for t in temps])
+        return SimpleNamespace(sequences=[seq(p) for p in prompts])
+
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    res = ev.prompt_warning(None, None, schema, None, _warn_rows(), n=3, max_new_tokens=2)["x"]
+    assert (res["n_bad"], res["n_clean"]) == (3, 3)
+    assert res["auroc"] == 1.0
+    assert res["mean_after_bad"] == pytest.approx(0.4) and res["mean_after_clean"] == pytest.approx(0.1)
