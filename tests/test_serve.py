@@ -360,6 +360,7 @@ BAD_BODIES = [
     '{"prompt": "x", "temperature": Infinity}',
     '{"prompt": "x", "temperature": -Infinity}',
     '{"prompt": "x", "temperature": 1e308}',
+    '{"prompt": "x", "temperature": 8.6e-133}',
     '{"prompt": "x", "seed": 1e30}',
     '{"prompt": "x", "seed": 1000000000000000000000000000000}',
     '{"prompt": "x", "seed": -1}',

@@ -46,8 +46,10 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MAX_PROBLEMS = 20
 """An error lists at most this many problems (and says how many it left out): 200k unknown tags gave a 26 MB 422."""
-MAX_TEMPERATURE = 100.0
-"""Beyond this the sampling distribution is uniform to float32 precision; 1e308 overflowed to a 500."""
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+"""A temperature is 0 (greedy) or in this range: below it sampling is greedy anyway, and logits divided by 1e-133
+overflowed float32 to inf (NaN probabilities, a 500, found by tests/test_fuzz_serve.py); above it the distribution
+is uniform to float32 precision (1e308 was a 500 too)."""
 MAX_SEED = 2**63 - 1
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -254,8 +256,9 @@ def _check(engine: Engine, config: ServeConfig, body: CompletionIn) -> tuple[Gen
         problems.append(f"prompt: not valid Unicode text (a lone surrogate at character {bad})")
     if not 1 <= n_new <= config.max_new_tokens:
         problems.append(f"max_new_tokens: must be between 1 and {config.max_new_tokens}, got {n_new}")
-    if not 0 <= body.temperature <= MAX_TEMPERATURE:
-        problems.append(f"temperature: must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {body.temperature}")
+    if body.temperature != 0 and not MIN_TEMPERATURE <= body.temperature <= MAX_TEMPERATURE:
+        problems.append(f"temperature: must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                        f"got {body.temperature}")
     if body.top_k is not None and body.top_k < 1:
         problems.append(f"top_k: must be >= 1, got {body.top_k}")
     if body.top_p is not None and not 0 < body.top_p <= 1:
