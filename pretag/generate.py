@@ -206,6 +206,9 @@ class GenerateConfig:
     classify: bool = False
     stop_at_eos: bool = True
     """False: make exactly ``max_new_tokens`` (EOS is then an ordinary document separator), e.g. for benchmarks."""
+    ablate_direction: str | None = None
+    """Project a direction out of the residual stream at every layer while writing: a tag (``bad``: the direction
+    its logit is read from), ``embed:TAG`` (its embedding row) or a ``direction.pt`` of ``pretag interpret``."""
 
     def validate(self) -> None:
         problems = []
@@ -266,7 +269,9 @@ def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
     rendered = {p: prompt_ids(tokenizer, schema, policy, p) for p in dict.fromkeys(prompts)}
     check_context(model, max(len(r) for r in rendered.values()), cfg.max_new_tokens)
     ids, mask = _left_pad([rendered[p] for p in prompts], pad)
-    with torch.no_grad():
+    from pretag.interpret.hooks import ablation
+
+    with torch.no_grad(), ablation(model, tokenizer, schema, cfg.ablate_direction):
         out = model.generate(ids.to(device), attention_mask=mask.to(device), logits_processor=[proc],
                              stopping_criteria=[AlarmStop(proc), *stopping_criteria], streamer=streamer,
                              **_hf_kwargs(cfg, tokenizer))
@@ -538,7 +543,9 @@ def tree_search(model, tokenizer, schema: Schema, prompt: str, policy=None, conf
         step_cfg.max_new_tokens = min(chunk, cfg.max_new_tokens - made)
         proc = TagProcessor(tokenizer, schema, policy, repetition_penalty=cfg.repetition_penalty)
         ids = torch.tensor([b[0] for b in live], device=device)
-        with torch.no_grad():
+        from pretag.interpret.hooks import ablation
+
+        with torch.no_grad(), ablation(model, tokenizer, schema, cfg.ablate_direction):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[proc],
                                  stopping_criteria=[AlarmStop(proc)], **_hf_kwargs(step_cfg, tokenizer))
         seqs = _results(proc, tokenizer, schema, out.cpu(), ids.shape[1], [prompt] * len(live), step_cfg)

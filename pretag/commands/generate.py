@@ -33,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tree", type=float, default=None, metavar="TAU",
                    help="pruned tree search: drop sampled branches whose temptation crosses TAU")
     p.add_argument("--chunk", type=int, default=8, help="tokens between pruning decisions in --tree")
+    p.add_argument("--ablate-direction", default=None, metavar="SPEC",
+                   help="project a direction out of every layer while writing: a tag (bad), embed:TAG, or the "
+                        "direction.pt of `pretag interpret` (see docs/interpret.md)")
     p.add_argument("--no-classify", action="store_true", help="skip running the schema's scorers on the output")
     p.add_argument("--show-temptation", action="store_true",
                    help="colour each token by its temptation toward banned tags, with a summary and alarms")
@@ -72,7 +75,7 @@ def run(args) -> int:
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, n=args.n, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, num_beams=args.beams, seed=args.seed,
                          repetition_penalty=args.repetition_penalty, classify=not args.no_classify,
-                         do_sample=True if args.sample else None)
+                         do_sample=True if args.sample else None, ablate_direction=args.ablate_direction)
     try:
         cfg.validate()
         if args.tree is not None:
