@@ -305,7 +305,14 @@ def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None)
     from transformers import AutoTokenizer
 
     from pretag import models
-    from pretag.tokens import Blocks, document_misaligned, pack, percentile_filter, read_labeled, train_tokenizer
+    from pretag.tokens import (
+        Blocks,
+        document_misaligned,
+        pack,
+        percentile_filter,
+        read_labeled,
+        train_tokenizer,
+    )
 
     schema, rows = read_labeled(data)
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction)
