@@ -435,6 +435,7 @@ def test_loopback_server_checks_the_host_header(model_dir):
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_new_tokens": 2},
                        headers={"Host": "evil.example"})
         assert r.status_code == 421
-        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", "pretag.internal", "LOCALHOST"):
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", "pretag.internal", "LOCALHOST",
+                     "127.0.0.2", f"[::1]:{port}"):
             assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
         assert httpx.get(url + "/health").status_code == 200

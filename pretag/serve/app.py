@@ -362,7 +362,8 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        if _is_loopback(scope.get("server")) and _host_name(headers.get("host", "")) not in self.allowed:
+        host = _host_name(headers.get("host", ""))
+        if _is_loopback(scope.get("server")) and host not in self.allowed and not _is_loopback((host, 0)):
             return await self._refuse(scope, receive, send, 421, f"Host {headers.get('host', '')!r} is not served "
                                       f"here: a server bound to loopback answers only {', '.join(LOOPBACK_HOSTS)} "
                                       f"(and --allow-host names)")
@@ -414,9 +415,11 @@ def _is_loopback(server: tuple[str, int] | None) -> bool:
     if not server:
         return False
     try:
-        return ipaddress.ip_address(server[0]).is_loopback
+        ip = ipaddress.ip_address(server[0])
     except ValueError:
         return server[0] == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or ip).is_loopback
 
 
 def _prometheus(snap: dict[str, Any]) -> str:
