@@ -7,6 +7,7 @@ Everything here returns plain transformers objects; a model directory written by
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torch.nn import functional as F
 
 from pretag.schema import Schema, load_schema
 from pretag.tokens import add_tag_tokens, protect_special_tokens, tag_ids
@@ -242,15 +244,73 @@ def apply_lora(model, tokenizer, schema: Schema, r: int = 8, alpha: int = 16, dr
     """Wrap ``model`` with LoRA adapters on every linear layer; the tag token embeddings stay fully trainable.
 
     The tags are new tokens, so adapters alone could not learn them: peft's ``trainable_token_indices`` trains just
-    those rows of the embedding matrix.
+    those rows of the embedding matrix, and of the LM head when it is not tied to the embedding (peft's default
+    would train the input rows only, leaving the model unable to learn to predict its tags).
     """
     from peft import LoraConfig, get_peft_model
 
     ids = sorted(tag_ids(tokenizer, schema).values())
+    names = {id(m): n for n, m in model.named_modules()}
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    rows: list[int] | dict[str, list[int]] = ids  # tied: peft trains the shared rows of the embedding
+    if outp is not None and outp.weight is not inp.weight:  # untied: the LM head's tag rows must learn too
+        rows = {names[id(inp)]: ids, names[id(outp)]: ids}
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                     task_type="CAUSAL_LM", trainable_token_indices=ids,
+                     task_type="CAUSAL_LM", trainable_token_indices=rows,
                      fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores W transposed
-    return get_peft_model(model, cfg)
+    pm = get_peft_model(model, cfg)
+    fast_tag_rows(pm)
+    return pm
+
+
+@functools.cache
+def _tag_rows_layer():
+    """peft's trainable-token layer, computed without building a full-size weight (a class made on first use, so
+    that importing pretag.models does not import peft)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    class TagRowsLayer(TrainableTokensLayer):
+        """Same parameters, state dict and results as peft's layer; only the arithmetic differs.
+
+        peft copies the whole matrix with the trained rows in (``index_copy``) at every forward, so the LM head's
+        backward computes a (V, d) weight gradient, as costly as the head's forward matmul, to keep n_tags rows
+        of it, and the embedding's backward writes a dense (V, d) gradient. Here the frozen matrix is used as it
+        is and only the tag rows are computed apart: embedding rows are swapped in where a tag occurs, logit
+        columns are overwritten by ``h @ rows.T``.
+        """
+
+        def forward_adapters(self, x, active_adapters, *args, **kwargs):
+            base = self.base_layer
+            if self.disable_adapters or self.merged or len(active_adapters) != 1 or not isinstance(
+                    base, nn.Embedding | nn.Linear):
+                return super().forward_adapters(x, active_adapters, *args, **kwargs)
+            name = active_adapters[0]
+            rows = self.trainable_tokens_delta[name]  # (n_tags, d): the rows' values, not differences
+            idx = torch.as_tensor(self.token_indices[name], device=rows.device)
+            if isinstance(base, nn.Linear):  # an LM head (tied or not): (B, T, d) -> (B, T, V)
+                out = F.linear(x, base.weight)
+                out[..., idx] = F.linear(x, rows)  # (B, T, n_tags), written over the frozen rows' logits
+                return out
+            out = F.embedding(x, base.weight, base.padding_idx, base.max_norm, base.norm_type,
+                              base.scale_grad_by_freq, base.sparse)  # (B, T, d)
+            hit = x.unsqueeze(-1) == idx  # (B, T, n_tags)
+            out = torch.where(hit.any(-1, keepdim=True), hit.to(rows.dtype) @ rows, out)
+            scale = self._get_embed_scale()
+            return out if scale is None else out * scale.to(out.dtype)
+
+    return TagRowsLayer
+
+
+def fast_tag_rows(model) -> int:
+    """Switch a peft model's trainable-token layers to :func:`_tag_rows_layer`'s (in place); returns how many."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    n = 0
+    for m in model.modules():
+        if type(m) is TrainableTokensLayer:
+            m.__class__ = _tag_rows_layer()
+            n += 1
+    return n
 
 
 def is_peft(model) -> bool:
@@ -310,6 +370,7 @@ def _load_adapter(path: Path, tokenizer, schema: Schema, merge: bool):
     model, _ = load_pretrained(base)
     add_tags_to_model(model, tokenizer, schema, init=conf.get("tag_init", "mean"), words=conf.get("tag_words"))
     model = PeftModel.from_pretrained(model, path)
+    fast_tag_rows(model)  # the arithmetic it was trained with: logits equal to the last bit
     return model.merge_and_unload() if merge else model
 
 

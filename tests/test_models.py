@@ -353,3 +353,42 @@ def test_smollm2_trains_from_the_gguf_with_lora_and_reloads_small(tmp_path, monk
 
 def np_isfinite(x) -> bool:
     return x is not None and torch.isfinite(torch.tensor(float(x))).item()
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_fast_tag_rows_match_peft_in_values_and_gradients(pretrained_dir, tmp_path, untied):
+    """pretag's trainable-token arithmetic (no full-size weight) against peft's own, on the same parameters."""
+    if untied:
+        model, tok = _untied_llama(tmp_path)
+    else:
+        model, tok = models.load_pretrained(pretrained_dir)
+    sent = load_schema("sentiment")
+    models.add_tags_to_model(model, tok, sent)
+    ids = tag_ids(tok, sent)
+    x = torch.tensor([[ids["<|neg|>"], *encode_text(tok, "The cat sat."), ids["<|ok|>"], *encode_text(tok, " mat")]])
+    pm = models.apply_lora(model, tok, sent, r=2, alpha=4)
+    fast = [m for m in pm.modules() if type(m).__name__ == "TagRowsLayer"]
+    assert len(fast) == 2  # the embedding and the LM head (tied or not)
+    with torch.no_grad():  # make the tag rows differ from their init, so that using them shows
+        for m in fast:
+            for p in m.trainable_tokens_delta.values():
+                p.add_(torch.randn_like(p))
+    results = []
+    for kind in ("fast", "peft"):
+        if kind == "peft":
+            from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+            for m in fast:
+                m.__class__ = TrainableTokensLayer
+        for autocast in (False, True):
+            pm.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = pm(input_ids=x).logits
+            logits.float().logsumexp(-1).sum().backward()
+            grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+            results.append((logits.detach().float(), grads))
+    for (lf, gf), (lp, gp), tol in zip(results[:2], results[2:], (1e-5, 2e-2)):  # fp32, then bf16 (1 ulp: 2^-7)
+        assert torch.allclose(lf, lp, atol=tol, rtol=tol)
+        assert gf.keys() == gp.keys() and any("trainable_tokens" in n for n in gf)
+        for n in gf:
+            assert torch.allclose(gf[n], gp[n], atol=10 * tol, rtol=10 * tol), n
