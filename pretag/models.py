@@ -7,6 +7,7 @@ Everything here returns plain transformers objects; a model directory written by
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from dataclasses import dataclass
@@ -90,18 +91,30 @@ def build_model(preset: str | Preset, vocab_size: int, *, eos_id: int | None = N
     return AutoModelForCausalLM.from_config(config)
 
 
+# The last dequantised GGUF of this process. Reading and unpacking SmolLM2's file takes 20-50 s on 2 cores; an
+# experiment loads it again for every run it trains and evaluates, and a deep copy takes about a second.
+_GGUF_CACHE: dict[Path, tuple[Any, Any]] = {}
+
+
 def load_pretrained(source: str | Path):
-    """Load (model, tokenizer) from a HF model directory, a ``.gguf`` file, or ``smollm2`` (the shipped GGUF)."""
+    """Load (model, tokenizer) from a HF model directory, a ``.gguf`` file, or ``smollm2`` (the shipped GGUF).
+
+    A GGUF is read and dequantised once per process; each call returns a fresh deep copy of it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if str(source).lower() in SMOLLM2_ALIASES:
         source = smollm2_gguf()
     p = Path(source)
     if p.is_file() and p.suffix == ".gguf":
-        logger.info("loading GGUF %s (dequantised to float32)", p)
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
-        return strip_quantizer(model), tok
+        key = p.resolve()
+        if key not in _GGUF_CACHE:
+            logger.info("loading GGUF %s (dequantised to float32)", p)
+            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+            _GGUF_CACHE.clear()
+            _GGUF_CACHE[key] = (strip_quantizer(model), tok)
+        model, tok = _GGUF_CACHE[key]
+        return copy.deepcopy(model), copy.deepcopy(tok)
     if p.is_dir() and (p / ADAPTER_FILE).exists() and (p / SCHEMA_FILE).exists():  # a LoRA run saved small
         model, tok, _ = load_model_dir(p)
         return model, tok

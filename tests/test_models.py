@@ -349,6 +349,11 @@ def test_smollm2_trains_from_the_gguf_with_lora_and_reloads_small(tmp_path, monk
     model, tok, schema = models.load_model_dir(res.out, merge=False)
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids=probe["x"]).logits, probe["logits"])
+    a, ta = models.load_pretrained("smollm2")  # the GGUF is read once per process; every load is its own copy
+    b, tb = models.load_pretrained("smollm2")
+    wa, wb = a.get_input_embeddings().weight, b.get_input_embeddings().weight
+    assert wa.data_ptr() != wb.data_ptr() and torch.equal(wa, wb) and ta is not tb and len(ta) == len(tb) < len(tok)
+    assert getattr(a, "hf_quantizer", None) is None
 
 
 def np_isfinite(x) -> bool:
