@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import json  # noqa: E402
+import math  # noqa: E402
 import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
@@ -439,3 +440,94 @@ def test_loopback_server_checks_the_host_header(model_dir):
                      "127.0.0.2", f"[::1]:{port}"):
             assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
         assert httpx.get(url + "/health").status_code == 200
+
+
+# ---- OpenAI's completions fields ------------------------------------------------------------------------------
+def _greedy(client, **extra):
+    r = client.post("/v1/completions", json={"prompt": "The quick", "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_openai_fields_and_shape(client):
+    a = _greedy(client, max_tokens=5)
+    b = _greedy(client, max_new_tokens=5)
+    assert a["tokens"] == b["tokens"] and a["n_tokens"] == 5  # max_tokens is max_new_tokens
+    assert a["object"] == "text_completion" and a["id"].startswith("cmpl-") and a["model"] == a["model"]
+    (c,) = a["choices"]
+    assert c["index"] == 0 and c["text"] == a["text"] and c["finish_reason"] == "length" and c["logprobs"] is None
+    assert c["tokens"] == a["tokens"] and set(c["max_temptation"]) == {"good", "bad"}
+    assert a["usage"] == {"prompt_tokens": a["usage"]["prompt_tokens"], "completion_tokens": 5,
+                          "total_tokens": a["usage"]["prompt_tokens"] + 5}
+    served = client.get("/v1/models").json()["data"][0]["id"]
+    assert client.get("/openai/v1/models").json()["data"][0]["id"] == served == a["model"]
+    assert _greedy(client, max_tokens=2, model=served, user="u1")["n_tokens"] == 2
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "max_new_tokens": 4, "model": "gpt-4",
+                                             "n": 0, "logprobs": 6, "stop": ["a", "b", "c", "d", ""]})
+    probs = r.json()["problems"]
+    assert r.status_code == 422 and len(probs) == 6, probs
+    assert any("model: this server serves" in p and "'gpt-4'" in p for p in probs)
+    assert any(p.startswith("max_tokens (3) and max_new_tokens (4)") for p in probs)
+    assert any(p.startswith("n: must be between 1 and 8") for p in probs)
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 99})
+    assert r.status_code == 422 and "max_tokens: must be between 1 and 16, got 99" in r.json()["error"]
+
+
+def test_n_choices_are_seeded_one_after_another(client):
+    many = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 6, "n": 3, "seed": 7}).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    for i, c in enumerate(many["choices"]):
+        one = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 6, "seed": 7 + i}).json()
+        assert c["text"] == one["text"] and [t["id"] for t in c["tokens"]] == [t["id"] for t in one["tokens"]]
+        assert all(t["choice"] == i for t in c["tokens"])
+    assert len({c["text"] for c in many["choices"]}) > 1  # sampled, not one answer three times
+    assert many["usage"]["completion_tokens"] == sum(c["n_tokens"] for c in many["choices"])
+
+
+def test_stop_cuts_the_text_before_the_sequence(client):
+    ask = {"prompt": "Hello world", "seed": 1, "max_tokens": 12}  # seeded sampling: '...zhat... write'
+    full = client.post("/v1/completions", json=ask).json()
+    text = full["text"]
+    assert "hat" in text, text
+    cut = text[:text.find("hat")]
+    out = client.post("/v1/completions", json={**ask, "stop": ["hat", "never appears"]}).json()
+    assert out["text"] == out["choices"][0]["text"] == cut and out["choices"][0]["finish_reason"] == "stop"
+    assert out["n_tokens"] < full["n_tokens"]
+    # the streamed pieces (OpenAI chunks) add up to the cut text, however the sequence is split over tokens
+    r = client.post("/openai/v1/completions", json={**ask, "stop": "hat", "stream": True})
+    datas = [b.removeprefix("data: ") for b in r.text.strip().split("\n\n")]
+    assert datas[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in datas[:-1]]
+    assert chunks[0]["choices"] == [] and chunks[0]["policy"]["ban"] == ["bad"]
+    assert "".join(c["choices"][0]["text"] for c in chunks[1:]) == cut
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert all(set(c["choices"][0]["temptation"]) == {"good", "bad"} for c in chunks[1:-1])
+
+
+def test_stopwatch_holds_back_a_partial_stop_sequence():
+    from pretag.serve.openai_api import StopWatch
+
+    sent = []
+    w = StopWatch(["\n\n"], sent.append)
+    for i, (text, tag) in enumerate([("a", None), ("\n", None), ("<|good|>", "good"), ("\n", None), ("b", None)]):
+        w.token({"index": i, "text": text, "tag": tag})
+        if i == 1:
+            assert [e["text"] for e in sent] == ["a"]  # "\n" might begin the stop sequence: held
+    assert w.hit and w.text == "a" and w.rendered == "a<|good|>"
+    assert [e["text"] for e in sent] == ["a", "", "<|good|>", ""]  # the tag between the newlines does not count
+    w = StopWatch(["xyz"], sent.append)
+    w.token({"text": "x", "tag": None})
+    w.finish()
+    assert not w.hit and w.text == "x" and sent[-1]["text"] == "x"
+
+
+def test_logprobs_are_under_the_policy(client):
+    out = _greedy(client, prompt="Hello. ", max_tokens=6, logprobs=3)
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == out["n_tokens"]
+    assert out["tokens"][0]["tag"] == "good" and lp["token_logprobs"][0] == pytest.approx(0.0, abs=1e-6)  # forced
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy picks the likeliest
+        assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-6
+        assert "<|bad|>" not in top  # banned: never an alternative
+    assert lp["text_offset"][1:] == [len("".join(t["text"] for t in out["tokens"][1:i])) for i in range(1, 6)]

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pretag.control import TagPolicy
+from pretag.serve import openai_api as oai
 from pretag.serve.engine import Engine, GenParams
 from pretag.serve.floor import PolicyFloorError, RequestPolicy, describe, merge
 from pretag.serve.worker import Job, Metrics, QueueFull, Worker
@@ -66,6 +67,8 @@ class ServeConfig:
     """The most tokens one request may ask for."""
     default_new_tokens: int = 48
     """Used when a request does not say; capped at ``max_new_tokens``."""
+    max_n: int = 8
+    """The most choices (``n``) one request may ask for: n choices cost n generations."""
     max_queue: int = 64
     """Requests waiting behind the running one; beyond this the server answers 503 instead of growing memory."""
     max_body_bytes: int = 256 * 1024
@@ -106,6 +109,18 @@ class CompletionIn(BaseModel):
     model_config = _STRICT
     prompt: str
     max_new_tokens: int | None = None
+    max_tokens: int | None = None
+    """OpenAI's name for ``max_new_tokens``."""
+    n: int = 1
+    """Choices (independent generations) for the prompt; with a seed, choice i uses seed + i."""
+    stop: str | list[str] | None = None
+    """Up to 4 sequences; the text ends before the first one that appears (tags do not count)."""
+    logprobs: int | None = None
+    """OpenAI's legacy logprobs: each token's log-probability under the policy, plus this many alternatives."""
+    model: str | None = None
+    """Must name the served model when given (OpenAI clients always send it)."""
+    user: str | None = None
+    """OpenAI's end-user id; accepted and ignored."""
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -203,8 +218,22 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
                 "bad_tags": [a.tags[v] for a in engine.schema.attributes for v in a.bad],
                 "operator": describe(engine.operator), "limits": config.limits()}
 
+    @app.get("/v1/models")
+    @app.get("/openai/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": int(metrics.started),
+                                             "owned_by": "pretag"}]}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionIn) -> Any:
+        return await complete(body, openai_stream=False)
+
+    @app.post("/openai/v1/completions")
+    async def openai_completions(body: CompletionIn) -> Any:
+        """The same request; a stream is OpenAI's ``data:`` chunks ending with ``[DONE]``."""
+        return await complete(body, openai_stream=True)
+
+    async def complete(body: CompletionIn, openai_stream: bool) -> Any:
         metrics.incr("requests")
         t0 = time.perf_counter()
         try:
@@ -220,18 +249,21 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
             return _error(503, [str(e)], headers={"Retry-After": "1"})
         start = {"policy": describe(effective), "prompt_tokens": len(prompt_ids), "queued": worker.depth}
         if body.stream:
-            return StreamingResponse(_stream(job, start, metrics, t0), media_type="text/event-stream",
+            events = (_openai_stream(job, start, metrics, t0, engine.name, params.logprobs) if openai_stream
+                      else _stream(job, start, metrics, t0))
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        tokens: list[dict[str, Any]] = []
+        tokens: list[list[dict[str, Any]]] = [[] for _ in range(params.n)]
         try:
             while (ev := await job.events.get())["event"] != "end":
                 if ev["event"] == "token":
-                    tokens.append(ev["data"])
+                    tokens[ev["data"].get("choice", 0)].append(ev["data"])
                 elif ev["event"] == "done":
                     metrics.incr("completed")
                     _observe(metrics, job, t0, ev["data"])
-                    return {**ev["data"], "tokens": tokens, "policy": start["policy"],
-                            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens)}}
+                    choices = [oai.choice(i, s, tokens[i], params.logprobs)
+                               for i, s in enumerate(ev["data"]["choices"])]
+                    return oai.completion(engine.name, choices, len(prompt_ids), start["policy"])
                 elif ev["event"] == "error":
                     metrics.incr("errors")
                     return _error(ev.get("status", 500), [ev["message"]])
@@ -245,9 +277,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
 
 def _check(engine: Engine, config: ServeConfig, body: CompletionIn) -> tuple[GenParams, list[int], TagPolicy]:
     """Every problem with a request, collected into one PolicyFloorError (a 422)."""
-    problems: list[str] = []
-    n_new = body.max_new_tokens if body.max_new_tokens is not None else min(config.default_new_tokens,
-                                                                            config.max_new_tokens)
+    problems: list[str] = oai.check_fields(body, engine.name)
+    asked = body.max_new_tokens if body.max_new_tokens is not None else body.max_tokens
+    n_new = asked if asked is not None else min(config.default_new_tokens, config.max_new_tokens)
+    if not 1 <= body.n <= config.max_n:
+        problems.append(f"n: must be between 1 and {config.max_n}, got {body.n}")
     prompt_ok = len(body.prompt) <= config.max_prompt_chars
     if not prompt_ok:
         problems.append(f"prompt: {len(body.prompt)} characters exceeds the limit of {config.max_prompt_chars}")
@@ -255,7 +289,8 @@ def _check(engine: Engine, config: ServeConfig, body: CompletionIn) -> tuple[Gen
         prompt_ok = False
         problems.append(f"prompt: not valid Unicode text (a lone surrogate at character {bad})")
     if not 1 <= n_new <= config.max_new_tokens:
-        problems.append(f"max_new_tokens: must be between 1 and {config.max_new_tokens}, got {n_new}")
+        name = "max_tokens" if body.max_new_tokens is None and body.max_tokens is not None else "max_new_tokens"
+        problems.append(f"{name}: must be between 1 and {config.max_new_tokens}, got {n_new}")
     if body.temperature != 0 and not MIN_TEMPERATURE <= body.temperature <= MAX_TEMPERATURE:
         problems.append(f"temperature: must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
                         f"got {body.temperature}")
@@ -282,7 +317,7 @@ def _check(engine: Engine, config: ServeConfig, body: CompletionIn) -> tuple[Gen
     if problems or effective is None:
         raise PolicyFloorError(problems)
     params = GenParams(max_new_tokens=n_new, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                       seed=body.seed)
+                       seed=body.seed, n=body.n, stop=oai.stop_list(body.stop), logprobs=body.logprobs)
     return params, prompt_ids, effective
 
 
@@ -309,23 +344,38 @@ def _fit_context(engine: Engine, config: ServeConfig) -> ServeConfig:
 
 
 def _run_job(engine: Engine, job: Job, metrics: Metrics) -> None:
-    """Worker side: run one generation, emitting a ``token`` event per token and a final ``done``."""
+    """Worker side: run the request's ``n`` generations one after another, emitting a ``token`` event per token
+    (with its ``choice`` when n > 1) and a final ``done``: the first choice's summary plus ``choices``."""
     prompt, policy, params = job.payload
     job.started_at = time.perf_counter()
-    summary = engine.generate(prompt, policy, params,
-                              on_token=lambda tok: job.emit({"event": "token", "data": tok}),
-                              cancelled=job.cancelled.is_set)
-    if job.cancelled.is_set():
-        metrics.incr("cancelled")
-    metrics.incr("alarms", len(summary.get("alarms", [])))
-    summary["gen_s"] = round(time.perf_counter() - job.started_at, 6)
-    job.emit({"event": "done", "data": summary})
+    summaries = []
+    for i in range(params.n):
+        def emit(tok: dict[str, Any], i: int = i) -> None:
+            job.emit({"event": "token", "data": {**tok, "choice": i} if params.n > 1 else tok})
+
+        watch = oai.StopWatch(params.stop, emit)
+        one = dataclasses.replace(params, seed=None if params.seed is None else (params.seed + i) % (MAX_SEED + 1))
+        summary = engine.generate(prompt, policy, one, on_token=watch.token,
+                                  cancelled=lambda w=watch: job.cancelled.is_set() or w.hit)
+        watch.finish()
+        if watch.hit:  # cut before the stop sequence, as OpenAI does
+            summary.update(text=watch.text, rendered=watch.rendered, finish_reason="stop")
+        summaries.append(summary)
+        if job.cancelled.is_set():
+            metrics.incr("cancelled")
+            break
+        metrics.incr("alarms", len(summary.get("alarms", [])))
+    gen_s = round(time.perf_counter() - job.started_at, 6)
+    for s in summaries:
+        s.setdefault("gen_s", gen_s)
+    job.emit({"event": "done", "data": {**summaries[0], "gen_s": gen_s, "choices": summaries,
+                                        "total_tokens": sum(s["n_tokens"] for s in summaries)}})
 
 
 def _observe(metrics: Metrics, job: Job, t0: float, summary: dict[str, Any]) -> None:
     started = getattr(job, "started_at", job.enqueued_at)
     metrics.observe(time.perf_counter() - t0, started - job.enqueued_at, summary.get("gen_s", 0.0),
-                    summary.get("n_tokens", 0))
+                    summary.get("total_tokens", summary.get("n_tokens", 0)))
 
 
 async def _stream(job: Job, start: dict[str, Any], metrics: Metrics, t0: float):
@@ -340,6 +390,32 @@ async def _stream(job: Job, start: dict[str, Any], metrics: Metrics, t0: float):
                 metrics.incr("errors")
                 ev = {"event": "error", "data": {"status": ev.get("status", 500), "error": ev["message"]}}
             yield _sse(ev["event"], ev["data"])
+    finally:
+        job.cancelled.set()
+
+
+async def _openai_stream(job: Job, start: dict[str, Any], metrics: Metrics, t0: float, model: str,
+                         logprobs: int | None):
+    """OpenAI's stream: a first chunk with no choices (pretag's ``policy``), one chunk per token, one per choice
+    with its ``finish_reason``, then ``data: [DONE]``; an error is ``data: {"error": ...}``."""
+    cid, created = oai.new_id(), int(time.time())
+    try:
+        yield oai.chunk(cid, created, model, [], policy=start["policy"], prompt_tokens=start["prompt_tokens"])
+        while (ev := await job.events.get())["event"] != "end":
+            if ev["event"] == "token":
+                yield oai.chunk(cid, created, model, [oai.token_choice(ev["data"], logprobs)])
+            elif ev["event"] == "done":
+                metrics.incr("completed")
+                _observe(metrics, job, t0, ev["data"])
+                for i, s in enumerate(ev["data"]["choices"]):
+                    yield oai.chunk(cid, created, model, [{"text": "", "index": i, "logprobs": None,
+                                                            "finish_reason": oai.FINISH.get(s["finish_reason"]),
+                                                            "alarms": s["alarms"],
+                                                            "max_temptation": s["max_temptation"]}])
+            elif ev["event"] == "error":
+                metrics.incr("errors")
+                yield f"data: {json.dumps({'error': {'message': ev['message'], 'code': ev.get('status', 500)}})}\n\n"
+        yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()
 

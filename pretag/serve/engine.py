@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import StoppingCriteria
 
-from pretag.control import TagPolicy
+from pretag.control import TagPolicy, TagProcessor
 from pretag.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,12 @@ class GenParams:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    n: int = 1
+    """Choices; the server runs them one after another (``pretag.serve.app``), an engine generates one."""
+    stop: list[str] = field(default_factory=list)
+    """Stop sequences, applied by the server to the visible text (``pretag.serve.openai_api.StopWatch``)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each token's log-probability under the policy plus the k likeliest."""
 
 
 def load_operator_policy(spec: str | Path | None, schema: Schema) -> TagPolicy:
@@ -79,6 +85,21 @@ class Engine:
 
         return prompt_ids(self.tokenizer, self.schema, policy or self.operator, prompt)
 
+    def token_logprobs(self, logprobs, tid: int, top: int) -> dict[str, Any]:
+        """``logprob`` of token ``tid`` and ``top_logprobs`` (token text -> log-probability) from a (V,) row;
+        a banned token's -inf is sent as None (JSON has no infinity)."""
+        import math
+
+        chosen = float(logprobs[tid])
+        alts: dict[str, float] = {}
+        if top:
+            vals, ids = logprobs.topk(top)
+            for v, i in zip(vals.tolist(), ids.tolist()):
+                if math.isfinite(v):
+                    alts.setdefault(self.tokenizer.decode([i], skip_special_tokens=False), v)
+        return {"token": self.tokenizer.decode([tid], skip_special_tokens=False),
+                "logprob": chosen if math.isfinite(chosen) else None, "top_logprobs": alts}
+
     def generate(self, prompt: str, policy: TagPolicy, params: GenParams,
                  on_token: Callable[[dict[str, Any]], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
         """Run ``pretag.generate.generate``, calling ``on_token`` once per new token as HF produces it.
@@ -90,7 +111,8 @@ class Engine:
         from pretag.control import TagProcessor
         from pretag.generate import GenerateConfig, generate
 
-        proc = TagProcessor(self.tokenizer, self.schema, policy)
+        proc = (TagProcessor(self.tokenizer, self.schema, policy) if params.logprobs is None
+                else _LogprobProcessor(self.tokenizer, self.schema, policy, top=params.logprobs))
         streamer = _EventStreamer(self, proc, policy, on_token)
         greedy = params.temperature == 0
         cfg = GenerateConfig(max_new_tokens=params.max_new_tokens, do_sample=not greedy,
@@ -112,6 +134,24 @@ class Engine:
         return {"text": seq.text, "rendered": seq.rendered, "n_tokens": len(streamer.events),
                 "finish_reason": reason, "alarms": streamer.alarms, "max_temptation": peak,
                 "model_s": round(time.perf_counter() - t0, 6)}
+
+
+class _LogprobProcessor(TagProcessor):
+    """The TagProcessor that also keeps, per step, the log-softmax of the scores it returns (the policy applied,
+    before temperature/top-k/top-p), so a token's log-probability and the ``top`` likeliest can be reported."""
+
+    def __init__(self, *args, top: int = 0, **kwargs):
+        self.top = top
+        super().__init__(*args, **kwargs)
+
+    def reset(self) -> None:
+        super().reset()
+        self.logprobs: list = []  # per step (V,) of row 0: the server generates one row
+
+    def __call__(self, input_ids, scores):
+        out = super().__call__(input_ids, scores)
+        self.logprobs.append(out[0].float().log_softmax(-1))
+        return out
 
 
 class _Cancel(StoppingCriteria):
@@ -181,5 +221,7 @@ class _EventStreamer:
         self.alarms.extend(alarms)
         event = {"index": step, "id": tid, "text": piece, "tag": self.tag_of_id.get(tid),
                  "temptation": temptation, "alarms": alarms}
+        if getattr(self.proc, "logprobs", None) is not None and step < len(self.proc.logprobs):
+            event.update(self.engine.token_logprobs(self.proc.logprobs[step], tid, self.proc.top))
         self.events.append(event)
         self.on_token(event)
