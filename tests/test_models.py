@@ -128,6 +128,19 @@ def test_train_lora_on_a_pretrained_dir_end_to_end(pretrained_dir, tmp_path):
     model, tok, schema = models.load_model_dir(res.out)
     assert len(tok) == model.config.vocab_size  # toy tags were already there: no resize needed
     assert not any("lora" in k for k in model.state_dict())
+    assert (res.out / "adapter_model.safetensors").exists() and not (res.out / "model.safetensors").exists()
+    import yaml
+
+    assert yaml.safe_load((res.out / models.TRAIN_FILE).read_text())["base"] == str(pretrained_dir.resolve())
+    # the experiment's §5 chain: a LoRA run trained on top of another LoRA run (saved small too), then reloaded
+    cfg2 = resolve_config("conditional", tokens=2 * 4 * 32, sets={
+        "model": str(res.out), "lora": True, "lora_r": 4, "block_size": 32, "batch_size": 4, "eval_fraction": 0.0})
+    res2 = train(cfg2, data, tmp_path / "out2")
+    m2, tok2, _ = models.load_model_dir(res2.out)
+    assert (res2.out / "adapter_model.safetensors").exists() and len(tok2) == len(tok)
+    x = torch.tensor([encode_text(tok, "The cat sat on the mat.")])
+    with torch.no_grad():
+        assert not torch.allclose(m2(input_ids=x).logits, model(input_ids=x).logits)  # the second adapter counts
 
 
 @pytest.mark.slow
