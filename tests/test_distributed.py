@@ -23,6 +23,7 @@ import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import psutil  # noqa: E402  (accelerate's dependency)
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
@@ -266,14 +267,14 @@ def _weights(path: Path):
 
 @pytest.mark.slow
 def test_kill_9_of_the_whole_job_then_a_rerun_resumes(runs, tmp_path):
-    """SIGKILL to torchrun's whole process group once checkpoint-8 exists; the same job relaunched (with
-    accelerate launch, through the CLI) resumes and ends where the uninterrupted 2-process run ended."""
+    """SIGKILL to torchrun and both workers once checkpoint-8 exists; the same job relaunched (with accelerate
+    launch, through the CLI) resumes and ends where the uninterrupted 2-process run ended."""
     data, _, two = runs
     runner = data.parent / "runner.py"
     out = tmp_path / "mle"
     job = {**_jobs(data, tmp_path)[0]}
     p = subprocess.Popen(torchrun(str(runner), json.dumps([job])), env=_env(SLOW_STEP_S="0.2"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and p.poll() is None:
@@ -282,8 +283,17 @@ def test_kill_9_of_the_whole_job_then_a_rerun_resumes(runs, tmp_path):
                 break
             time.sleep(0.02)
     finally:
-        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers at once
+        # The whole job: torchrun starts each worker in a session of its own, so killing torchrun (or its
+        # process group) alone leaves the workers training on. Kill the launcher and every descendant at once.
+        job_pids = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+        for pid in job_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         p.wait()
+        assert len(job_pids) >= 3 and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                                              for pid in job_pids)
     at_kill = last_checkpoint(out / "checkpoints")
     assert at_kill is not None and 8 <= int(at_kill.name.split("-")[1]) < MLE_STEPS, "must be killed mid-way"
     assert not (out / "model.safetensors").exists()

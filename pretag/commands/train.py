@@ -13,6 +13,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "train a model with mle, filter, conditional, unlikelihood, rwr, awr or conditional_ul"
 METHODS = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr", "conditional_ul")  # = OBJECTIVES (tested);
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         res = train(cfg, data, args.out, overwrite=args.overwrite)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, one process reports
+        return 0
     summary = {"out": str(res.out), "method": cfg.method, "model": cfg.model, "steps": res.steps,
                "train_loss": res.train_loss, "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
                "params": res.params, "resumed_from": res.resumed_from, **res.stats}
