@@ -211,17 +211,20 @@ def add_tags_to_model(model, tokenizer, schema: Schema, init: str = "words",
     """
     if init not in TAG_INITS:
         raise ValueError(f"tag_init must be one of {', '.join(TAG_INITS)}, got {init!r}")
-    add_tag_tokens(tokenizer, schema)
+    added = set(add_tag_tokens(tokenizer, schema))
     n_old = model.get_input_embeddings().weight.shape[0]
     tokens = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
-    new = {t: i for t, i in tokens.items() if i >= n_old}
+    # new rows: tags new to the tokenizer (their id may fall inside a padded matrix) or past the model's matrix
+    new = {t: i for t, i in tokens.items() if i >= n_old or t in added}
     if not new:
         return []
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if len(tokenizer) > n_old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     keep = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
     keep[n_old:] = False  # rows past the old matrix are not "existing" embeddings
+    keep[list(new.values())] = False
     by_tag = tag_init_words(schema, words) if init == "words" else {}
-    sources = {t: [i for i in word_ids(tokenizer, by_tag.get(t, [])) if i < n_old] for t in new}
+    sources = {t: [i for i in word_ids(tokenizer, by_tag.get(t, [])) if keep[i]] for t in new}
     layers = {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     with torch.no_grad():
         for layer in layers.values():

@@ -410,3 +410,18 @@ def test_fast_tag_rows_match_peft_in_values_and_gradients(pretrained_dir, tmp_pa
         assert gf.keys() == gp.keys() and any("trainable_tokens" in n for n in gf)
         for n in gf:
             assert torch.allclose(gf[n], gp[n], atol=10 * tol, rtol=10 * tol), n
+
+
+def test_tags_landing_inside_a_padded_embedding_matrix_are_initialised(pretrained_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pretrained_dir)
+    model = models.build_model("micro", len(tok) + 8)  # a matrix padded past the vocabulary, as many models have
+    old = model.get_input_embeddings().weight.detach().clone()
+    sent = load_schema("sentiment")
+    new = models.add_tags_to_model(model, tok, sent, init="mean")
+    assert len(new) == 2 and max(new) < old.shape[0] == model.get_input_embeddings().weight.shape[0]  # no resize
+    keep = torch.ones(old.shape[0], dtype=torch.bool)
+    keep[new] = False
+    for i in new:
+        assert torch.allclose(model.get_input_embeddings().weight[i], old[keep].mean(0), atol=1e-6)
