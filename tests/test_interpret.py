@@ -269,3 +269,27 @@ def test_cli_interpret_json_report_and_generate_flag(toy, tmp_path, capsys):
         assert g["settings"]["ablate_direction"] == spec and g["sequences"][0]["tokens"]
     assert main(["generate", str(md), "--ablate-direction", "worse", "--max-new-tokens", "4"]) == 2
     assert "'worse' is not a tag" in capsys.readouterr().err
+
+
+def test_span_schemas_read_every_token_of_tagged_segments(toy):
+    """With span rendering a tag can open after any token, so every text token of a tagged segment is a context,
+    labelled with its segment's verdict (a prefix schema reads only the segment starts)."""
+    import copy
+
+    from pretag.evaluate import render_doc, row_tags
+    from pretag.tokens import add_tag_tokens
+
+    model, tok, held = copy.deepcopy(toy[0]), copy.deepcopy(toy[1]), toy[3]  # the module's toy stays as it is
+    span = schema_from_dict({**SCHEMA, "render": "span"})
+    add_tag_tokens(tok, span)
+    model.resize_token_embeddings(len(tok))
+    rows = held[:3]
+    c = probe.build_contexts(model, tok, span, rows)
+    want = labels = 0
+    for r in rows:
+        doc = render_doc(tok, span, list(r["segments"]), row_tags(span, r))
+        n = [len(ch) for (ch, txt), s in zip(doc.chunks, doc.segment) if txt and s >= 0]
+        want += sum(n)
+        labels += sum(k for k, s in zip(n, [s for (_, txt), s in zip(doc.chunks, doc.segment) if txt and s >= 0])
+                      if r["tag__flag"][s] == "bad")
+    assert len(c.label) == want and int(c.label.sum()) == labels > 0

@@ -51,7 +51,8 @@ class Contexts:
 def build_contexts(model, tokenizer, schema, rows: Sequence[dict], attribute: str | None = None, *,
                    batch_size: int = 16, max_segments: int = 32) -> Contexts:
     """Render held-out rows the way training did and mark their segment starts (the first binary segment
-    attribute unless ``attribute`` is given); documents are cut to the model's context."""
+    attribute unless ``attribute`` is given); documents are cut to the model's context. For a span schema every
+    text token of a tagged segment is a context (a span may close, and the next open, after any token)."""
     from pretag.evaluate import context_length, render_doc, row_tags, start_token_id
 
     attrs = [a for a in schema.segment_attributes if a.bands is None]
@@ -70,8 +71,14 @@ def build_contexts(model, tokenizer, schema, rows: Sequence[dict], attribute: st
         flat = ([start] if start is not None else []) + [t for c, _ in doc.chunks for t in c]
         offs = np.cumsum([len(flat) - sum(len(c) for c, _ in doc.chunks)] + [len(c) for c, _ in doc.chunks])
         flat = flat[:ctx]
-        sites = [(int(offs[ci]) - 1, tag, s) for ci, tag, s in doc.opens
-                 if tag in (good_t, bad_t) and 0 < offs[ci] < len(flat)][:max_segments]
+        if schema.render == "span":  # a span can close at any token: every text token of a tagged segment
+            seg_tag = row_tags(schema, row)[attr.name]
+            sites = [(int(offs[j]) + k - 1, seg_tag[s], s) for j, ((c, is_text), s) in
+                     enumerate(zip(doc.chunks, doc.segment)) if is_text and s >= 0 and seg_tag[s] in (good_t, bad_t)
+                     for k in range(len(c)) if 0 < offs[j] + k < len(flat)]
+        else:
+            sites = [(int(offs[ci]) - 1, tag, s) for ci, tag, s in doc.opens
+                     if tag in (good_t, bad_t) and 0 < offs[ci] < len(flat)][:max_segments]
         if not sites:
             continue
         docs.append((flat, [p for p, _, _ in sites], d, [(tag == bad_t, segs[s]) for _, tag, s in sites]))
