@@ -293,3 +293,19 @@ def test_span_schemas_read_every_token_of_tagged_segments(toy):
         labels += sum(k for k, s in zip(n, [s for (_, txt), s in zip(doc.chunks, doc.segment) if txt and s >= 0])
                       if r["tag__flag"][s] == "bad")
     assert len(c.label) == want and int(c.label.sum()) == labels > 0
+
+
+def test_auroc_interval_matches_the_pairwise_definition():
+    from pretag.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    s, y = rng.integers(0, 5, 300).astype(float), rng.random(300) < 0.2  # many ties
+    e = probe.auroc_ci(s, y, n_resamples=2000)
+    assert e.value == auroc(s, y) and e.lo < e.value < e.hi
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)  # the same stratified bootstrap, one resample at a time
+    r = np.random.default_rng(1)
+    slow = [auroc(s[i], y[i]) for i in (np.concatenate([r.choice(pos, len(pos)), r.choice(neg, len(neg))])
+                                        for _ in range(2000))]
+    assert np.allclose([e.lo, e.hi], np.quantile(slow, [0.025, 0.975]), atol=0.01)
+    sep = probe.auroc_ci([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+    assert (sep.value, sep.lo, sep.hi) == (1.0, 1.0, 1.0)
