@@ -116,13 +116,15 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     assert "ppo" in err and "source" in err
 
 
-def test_cli_eval_on_a_trained_model(tiny_run, capsys):
+def test_cli_eval_on_a_trained_model(tiny_run, capsys, tmp_path):
     _, out = tiny_run
     code = main(["eval", str(out / "models" / "conditional"), "--data", str(out / "data"), "--samples", "4",
-                 "--max-new-tokens", "8", "--heldout-docs", "2", "--redteam", "1", "--json"])
+                 "--max-new-tokens", "8", "--heldout-docs", "2", "--redteam", "1", "--json",
+                 "--out", str(tmp_path / "new" / "eval.json")])  # a folder that does not exist yet is made
     assert code == 0
     res = json.loads(capsys.readouterr().out)
     assert res["settings"]["samples"] == 4 and res["misalignment"]["pep8"]["n_samples"] >= 1
+    assert json.loads((tmp_path / "new" / "eval.json").read_text())["settings"]["samples"] == 4
     assert main(["eval", str(out / "nope"), "--samples", "0"]) == 2
     err = capsys.readouterr().err
     assert "not a directory" in err and "--samples" in err

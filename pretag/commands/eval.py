@@ -115,7 +115,8 @@ def run(args) -> int:
             redteam_n=args.redteam, policy=args.policy, batch_size=args.batch_size, seed=args.seed)
     except (PolicyError, ContextLengthError) as e:
         raise UserError(str(e)) from e
-    if args.out:
+    if args.out:  # checked before the work: a folder that does not exist yet may be made
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))
     if args.json:
         print_json(res)
