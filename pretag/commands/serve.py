@@ -24,7 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="operator policy, the floor every request inherits: a YAML file, a shipped policy name or a "
                         "compact string such as 'ban:bad,alarm:bad>0.3=stop'; 'none' = no floor "
                         "(default: pretag's default policy, which bans every bad value)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="generation engine: Hugging Face generate (default) or vLLM (pip install 'pretag[vllm]' or "
+                        "make setup-vllm); the same API, policy floor and temptation")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu; HF engine only)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens one request may generate")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt accepted, in tokens")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 503")
@@ -61,8 +64,17 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("--engine vllm: vLLM is not installed here (pip install 'pretag[vllm]', or make setup-vllm "
+                            "and run .venv-vllm/bin/pretag)")
+        from pretag.serve.vllm_engine import VllmEngine as engine_cls
+    else:
+        engine_cls = Engine
     try:
-        engine = Engine.from_dir(args.model, policy=args.policy, device=device)
+        engine = engine_cls.from_dir(args.model, policy=args.policy, device=device)
         app = create_app(engine, config)
     except ValueError as e:  # policy, model or limit problems, already naming what is wrong
         raise UserError(str(e)) from e
