@@ -308,3 +308,160 @@ def test_bad_fraction_and_higher_is_better():
 def test_fraction_thresholds_are_validated(attr, message):
     with pytest.raises(ValueError, match=message):
         schema_from_dict({"attributes": [{"name": "t", "scorer": "profanity", **attr}]})
+
+
+# ---- a real Ray cluster: a head and a worker node on loopback ------------------------------------------------------
+NODE_SCORER = '''
+import time
+LOG = "{log}"
+def score(texts):
+    import ray
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    with open(LOG, "a") as f:  # which node scored (actors do not get the driver's environment)
+        f.write(node + "\\n")
+    time.sleep(0.3)
+    return [float("damn" in t) for t in texts]
+'''
+WAIT_NODES = '''
+import sys, time
+import ray
+ray.init(address="auto", log_to_driver=False, configure_logging=False)
+deadline = time.time() + 120
+while time.time() < deadline and sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[1]):
+    time.sleep(0.5)
+sys.exit(0 if sum(n["Alive"] for n in ray.nodes()) >= int(sys.argv[1]) else 1)
+'''
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayCluster:
+    """``ray start --block`` nodes of 1 CPU each on 127.0.0.1, with a token of their own (not ~/.ray's).
+
+    ``--block`` keeps each node's processes (GCS, raylet, workers) in one session led by the ``ray start`` process
+    we started, so the cluster is ended by those ids — never ``ray stop --force``, which ends every Ray process on
+    the machine, other users' clusters included."""
+
+    def __init__(self, tmp: Path):
+        import secrets
+        import tempfile
+
+        self.tmp, self.port, self.nodes = tmp, _free_port(), []
+        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's Unix socket paths must stay short
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": self.address, "HF_HUB_OFFLINE": "1"}
+
+    def start_node(self, *args: str) -> subprocess.Popen:
+        ray = Path(sys.executable).with_name("ray")
+        log = open(self.tmp / f"node{len(self.nodes)}.log", "w")
+        p = subprocess.Popen([str(ray), "start", "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+                              "--disable-usage-stats", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.nodes.append(p)
+        return p
+
+    def wait_nodes(self, n: int) -> None:
+        r = subprocess.run([sys.executable, "-c", WAIT_NODES, str(n)], env=self.env, capture_output=True, text=True,
+                           timeout=180)
+        assert r.returncode == 0, f"the cluster has fewer than {n} live nodes:\n{r.stderr[-2000:]}"
+
+    def __enter__(self) -> "RayCluster":
+        self.start_node("--head", "--port", str(self.port), "--temp-dir", self.temp_dir,
+                        "--include-dashboard", "false", "--ray-client-server-port", str(_free_port()))
+        self.wait_nodes(1)
+        self.start_node("--address", self.address)
+        self.wait_nodes(2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        for p in self.nodes:
+            if p.poll() is None:
+                p.terminate()  # `ray start --block` stops its node's processes on SIGTERM
+        for p in self.nodes:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # whatever is left of that node's session
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _kill_worker_mid_job(cluster: RayCluster, cmd: list[str], out: Path, also_the_driver: bool) -> dict:
+    """Run ``cmd`` on the cluster; once a shard is written, SIGKILL the newest worker node's raylet (and the driver,
+    if asked: the whole job dies). Returns what happened."""
+    import psutil
+
+    t0 = time.time()
+    job = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while time.time() < t0 + 180 and job.poll() is None and not list(out.glob("part-*.parquet")):
+            time.sleep(0.05)
+        assert job.poll() is None, "the job ended before the kill: " + job.stdout.read()[-2000:]
+        raylet = [c for c in psutil.Process(cluster.nodes[-1].pid).children(recursive=True) if c.name() == "raylet"]
+        assert raylet, "no raylet under the worker node"
+        written = len(list(out.glob("part-*.parquet")))
+        raylet[0].kill()  # SIGKILL: the worker node and the actor on it are gone mid-job
+        if also_the_driver:
+            job.kill()
+        try:
+            code = job.wait(timeout=90)  # Ray may carry the job on with the head's CPU, or fail it
+        except subprocess.TimeoutExpired:
+            job.kill()
+            code = "hung, killed"
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return {"exit": code, "shards_at_kill": written, "shards_after": len(list(out.glob("part-*.parquet"))),
+            "output": job.stdout.read()[-600:], "s": round(time.time() - t0, 1)}
+
+
+@pytest.mark.slow
+def test_ray_cluster_worker_killed_mid_job_then_rerun_equals_uninterrupted(tmp_path):
+    """`pretag label --engine ray` on a real 2-node cluster (head + worker, 1 CPU each, loopback, RAY_ADDRESS set).
+    A: the worker's raylet is SIGKILLed once the first shards are written; B: the worker and the driver are. After
+    a replacement worker joins, the same command finishes (resumes) the job; both datasets equal an uninterrupted
+    local run's."""
+    pytest.importorskip("ray")
+    pytest.importorskip("psutil")
+    src = _write_corpus(tmp_path / "c", n=20)
+    (tmp_path / "node.py").write_text(NODE_SCORER.format(log=tmp_path / "nodes"))
+    schema = _schema_file(tmp_path, {"name": "slow", "segmenter": "lines", "attributes": [
+        {"name": "rude", "scorer": {"type": "python", "function": f"{tmp_path / 'node.py'}:score"}, "threshold": 0},
+    ]})
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(src, schema, ref), check=True, capture_output=True)  # uninterrupted, local engine
+    report = {}
+    with RayCluster(tmp_path) as cluster:
+        for case, also_the_driver in (("A worker killed", False), ("B worker and driver killed", True)):
+            out = tmp_path / case[0]
+            cmd = [*_cmd(src, schema, out), "--engine", "ray", "--num-proc", "2"]
+            first = _kill_worker_mid_job(cluster, cmd, out, also_the_driver)
+            nodes = set((tmp_path / "nodes").read_text().split()) - {"local"}  # Ray node ids of the scorer calls
+            assert len(nodes) >= 2, f"both nodes must have labeled shards: {nodes}"
+            cluster.start_node("--address", cluster.address)  # a replacement worker joins
+            cluster.wait_nodes(2)
+            t = time.time()
+            again = subprocess.run([*cmd, "--json"], env=cluster.env, capture_output=True, text=True, timeout=300)
+            assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+            summary = json.loads(again.stdout[again.stdout.index("{"):])
+            assert summary["shards"]["resumed"] >= first["shards_at_kill"] >= 1
+            assert summary["shards"]["resumed"] + summary["shards"]["written"] == summary["shards"]["total"]
+            assert first["shards_at_kill"] < summary["shards"]["total"], "the kill must come mid-job"
+            if also_the_driver:
+                assert first["exit"] == -signal.SIGKILL and summary["shards"]["written"] >= 1
+            assert load_labeled(out) == load_labeled(ref), case
+            report[case] = {**{k: v for k, v in first.items() if k != "output"}, "rerun": summary["shards"],
+                            "rerun_s": round(time.time() - t, 1)}
+    print("\nray cluster:", json.dumps(report, indent=1))
