@@ -5,6 +5,10 @@ stream without its ``done`` event, or a token count that does not match the summ
 
     python benchmarks/bench_serve.py                      # tiny untrained model built on the fly
     python benchmarks/bench_serve.py --model runs/x --clients 16 --seconds 30 --tokens 32
+    .venv-vllm/bin/python benchmarks/bench_serve.py --engine vllm     # the same clients against the vLLM engine
+
+The model built on the fly is 1 layer, width 64, one head (head_dim 64: vLLM's CPU attention has no head_dim 16
+kernel), the same for both engines.
 """
 
 from __future__ import annotations
@@ -60,15 +64,20 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--tokens", type=int, default=32, help="max_new_tokens per request")
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf")
     args = ap.parse_args()
     if not 1 <= args.clients <= 256 or not 0 < args.seconds <= 600:
         ap.error("--clients must be in 1..256 and --seconds in (0, 600]")
 
+    from pretag.models import Preset
     from pretag.serve.app import ServeConfig, background_server, create_app
     from pretag.serve.engine import Engine
     from pretag.serve.tiny import build_tiny_model_dir
 
-    model = args.model or build_tiny_model_dir(tempfile.mkdtemp(prefix="pretag-bench-"), "toxicity")
+    model = args.model or build_tiny_model_dir(tempfile.mkdtemp(prefix="pretag-bench-"), "toxicity",
+                                               preset=Preset("gpt2", 1, 64, 1, 256))
+    if args.engine == "vllm":
+        from pretag.serve.vllm_engine import VllmEngine as Engine
     engine = Engine.from_dir(model, policy="none")
     config = ServeConfig(max_queue=max(64, args.clients * 2))
     with background_server(create_app(engine, config), host="127.0.0.1") as url:
@@ -90,7 +99,7 @@ def main() -> None:
     lat = [x[0] for x in out]
     errors = [x for x in out if x[1] != 200]
     lost = [x for x in out if x[1] == 200 and not x[2]]
-    print(f"model: {model} ({engine.device}); {args.clients} clients x {args.seconds:g}s, "
+    print(f"engine: {args.engine}; model: {model} ({engine.device}); {args.clients} clients x {args.seconds:g}s, "
           f"max_new_tokens {args.tokens}, half streaming")
     print(f"requests: {len(out)} in {wall:.1f}s = {len(out) / wall:.2f} req/s; "
           f"tokens/s (server): {metrics['tokens_per_s']}")
