@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--loss-docs", type=int, default=128, help="held-out documents for the loss change")
     p.add_argument("--sae-features", type=int, default=1024)
     p.add_argument("--sae-k", type=int, default=16, help="active features per token (TopK)")
-    p.add_argument("--sae-steps", type=int, default=2000)
+    p.add_argument("--sae-steps", type=int, default=1000)
     p.add_argument("--layer", type=int, default=None, help="layer for the SAE and interventions (default: best probe)")
     p.add_argument("--no-interventions", action="store_true", help="probes, attribution and SAE only")
     p.add_argument("--seed", type=int, default=0)

@@ -34,7 +34,7 @@ class InterpretConfig:
     """Documents whose segment starts train the probes; the rest measure them."""
     sae_features: int = 1024
     sae_k: int = 16
-    sae_steps: int = 2000
+    sae_steps: int = 1000
     sae_layer: int | None = None
     """None: the layer with the best held-out probe AUROC."""
     top_features: int = 10
