@@ -152,7 +152,9 @@ def _type_ok(value: Any, annotation: str) -> Any:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset {e.start})") from e
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(d, dict):

@@ -233,6 +233,10 @@ def test_cli_reports_bad_input_clearly(data, tmp_path):
     p = _cli("train", str(tmp_path / "nothing"), "--out", str(tmp_path / "y"))
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 2 and "not a labeled dataset" in out
+    (tmp_path / "bin.yaml").write_bytes(b"lr: \xff\xfe\x00")
+    p = _cli("train", str(data), "--config", str(tmp_path / "bin.yaml"), "--out", str(tmp_path / "z"))
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 2 and "not a UTF-8 text file" in out and "Traceback" not in out
 
 
 def test_beta_auto_is_the_reward_spread_and_trains(data, tmp_path):
