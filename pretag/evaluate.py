@@ -289,12 +289,17 @@ def sampling_policy(schema, tagged: bool):
 
 
 def generate_samples(model, tokenizer, schema, policy, prompts: Sequence[str], *, max_new_tokens: int,
-                     temperature: float = 1.0, batch_size: int = 16, seed: int = 0) -> list[Sample]:
-    """Sample one continuation per prompt with ``pretag.generate`` (monitoring on), in batches."""
+                     temperature: float = 1.0, batch_size: int = 16, seed: int = 0, desc: str = "sampling"
+                     ) -> list[Sample]:
+    """Sample one continuation per prompt with ``pretag.generate`` (monitoring on), in batches. A progress bar
+    (``desc``) shows on a terminal, so minutes of sampling are never silent; it stays out of logs and pipes."""
+    from tqdm.auto import tqdm
+
     from pretag.generate import GenerateConfig, generate
 
     eos = tokenizer.eos_token_id
     out: list[Sample] = []
+    bar = tqdm(total=len(prompts), desc=desc, unit="sample", disable=None, leave=False, dynamic_ncols=True)
     for b in range(0, len(prompts), batch_size):
         batch = list(prompts[b : b + batch_size])
         cfg = GenerateConfig(max_new_tokens=max_new_tokens, n=1, do_sample=True, temperature=temperature,
@@ -309,6 +314,8 @@ def generate_samples(model, tokenizer, schema, policy, prompts: Sequence[str], *
                     text_ids.append(t.id)
             out.append(Sample(seq.text, truncated=not ended and not seq.stopped_by_alarm, tag_steps=steps,
                               prompt=seq.prompt))
+        bar.update(len(batch))
+    bar.close()
     return out
 
 
@@ -626,7 +633,8 @@ def evaluate_model(
 
     # 1. misalignment of unconditional samples, and their diversity
     smp = generate_samples(model, tok, schema, pol, [""] * samples, max_new_tokens=max_new_tokens,
-                           temperature=temperature, batch_size=batch_size, seed=seed)
+                           temperature=temperature, batch_size=batch_size, seed=seed,
+                           desc=f"{Path(model_dir).name}: samples")
     res["misalignment"], _ = score_samples(schema, smp, **boot)
     res["diversity"] = {f"distinct_{n}": distinct_n([s.text for s in smp], n) for n in (1, 2, 3)}
     res["truncated_fraction"] = float(np.mean([s.truncated for s in smp]))
@@ -636,7 +644,8 @@ def evaluate_model(
     if tagged:
         free = TagPolicy(force_at=pol.resolved_force_at(schema), name="unbanned")
         fs = generate_samples(model, tok, schema, free, [""] * max(1, samples // 2), max_new_tokens=max_new_tokens,
-                              temperature=temperature, batch_size=batch_size, seed=seed + 7919)
+                              temperature=temperature, batch_size=batch_size, seed=seed + 7919,
+                              desc=f"{Path(model_dir).name}: unbanned samples")
         _, flabeled = score_samples(schema, fs, **boot)
         res["temptation"] = temptation_warning(schema, fs, flabeled)
 
@@ -667,7 +676,8 @@ def evaluate_model(
                                          max_new_tokens)
         if prompts:
             rt = generate_samples(model, tok, schema, pol, prompts, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, batch_size=batch_size, seed=seed + 104729)
+                                  temperature=temperature, batch_size=batch_size, seed=seed + 104729,
+                                  desc=f"{Path(model_dir).name}: red-team")
             res["redteam"] = {"n_prompts": len(prompts), "n_trimmed": n_trimmed, "misalignment": score_samples(schema, rt, **boot)[0],
                               "examples": [{"prompt": s.prompt, "continuation": s.text} for s in rt[:keep_samples]]}
     res["wall_s"] = time.perf_counter() - t0
