@@ -8,6 +8,11 @@ the measured bf16 matmul peak of this machine with the same number of threads.
 
     python benchmarks/bench_train.py                      # tiny preset, 40 steps per run
     python benchmarks/bench_train.py --model tiny-llama --steps 20 --precision fp32
+    python benchmarks/bench_train.py --model smollm2 --lora --steps 8 --warm 2 --batch-size 4   # SmolLM2-135M LoRA
+
+With ``--lora`` (a pretrained model: ``smollm2``, a .gguf file or a HF dir) both sides train LoRA adapters plus the
+tag rows (``pretag.models.apply_lora``), and the hand loop also runs with peft's own trainable-token arithmetic
+(``--lora`` only), alternated with pretag's, so the ratio of the two is measured under the same load.
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ def hand_loop(model, blocks, steps: int, batch_size: int, lr: float, precision: 
     """The baseline: the plainest correct loop over the same model and batches. Returns tokens/s after warm-up."""
     from transformers import get_cosine_schedule_with_warmup
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]  # all of them, but with LoRA
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, int(0.05 * steps), steps)
     ids = torch.from_numpy(blocks.input_ids)
     g = torch.Generator().manual_seed(0)
@@ -83,7 +89,7 @@ def hand_loop(model, blocks, steps: int, batch_size: int, lr: float, precision: 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -100,7 +106,11 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--docs", type=int, default=200, help="stdlib files used as documents")
     ap.add_argument("--rounds", type=int, default=2, help="pretag/hand alternations (best-of is reported)")
+    ap.add_argument("--lora", action="store_true", help="LoRA + tag rows on a pretrained model (e.g. smollm2)")
+    ap.add_argument("--lora-r", type=int, default=8)
     a = ap.parse_args()
+    if a.lora:
+        return bench_lora(a)
 
     import transformers
 
@@ -158,6 +168,69 @@ def main() -> None:
           f" {peaks[0] / 1e9:.1f}/{peaks[1] / 1e9:.1f})")
     print(f"train FLOPs/token      : {fpt / 1e6:.2f} MFLOP (6N + 12 L d T, N = {models.matmul_params(model) / 1e6:.2f}M)")
     print(f"MFU pretag / hand      : {100 * tps_pretag * fpt / peak:.1f}% / {100 * hand * fpt / peak:.1f}%")
+
+
+def bench_lora(a) -> None:
+    """``pretag train --set lora=true`` against the hand loop on the same LoRA model; the hand loop also with peft's
+    own trainable-token layers (a full-size weight copy and a (V, d) LM-head gradient per step) for the ratio."""
+    import transformers
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from pretag import models
+    from pretag.tokens import pack, read_labeled
+    from pretag.train import resolve_config, train
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
+    data = make_dataset(tmp / "data", a.docs)
+    load = [os.getloadavg()]
+    cfg = resolve_config("conditional", tokens=a.steps * a.batch_size * a.block_size, sets={
+        "model": a.model, "lora": True, "lora_r": a.lora_r, "block_size": a.block_size, "batch_size": a.batch_size,
+        "precision": a.precision, "logging_steps": 1, "eval_fraction": 0.0, "save_steps": 10**6})
+    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+    peaks = [matmul_peak(dtype)]
+    t = time.perf_counter()
+    model, tok = models.load_pretrained(a.model)
+    load_s = time.perf_counter() - t
+    schema, rows = read_labeled(data)
+    models.add_tags_to_model(model, tok, schema)
+    pm = models.apply_lora(model, tok, schema, r=a.lora_r, alpha=2 * a.lora_r)
+    rows_layers = [m for m in pm.modules() if isinstance(m, TrainableTokensLayer)]
+    fast_cls = type(rows_layers[0])
+    blocks = pack(tok, schema, rows, a.block_size, tags=True)
+
+    def hand(kind: str) -> float:
+        for m in rows_layers:
+            m.__class__ = fast_cls if kind == "pretag" else TrainableTokensLayer
+        return hand_loop(pm, blocks, a.steps, a.batch_size, 2e-4, a.precision, a.warm)
+
+    pre, fast, peft = [], [], []
+    for r in range(a.rounds):  # alternated, best-of per side: other jobs only ever slow a run down
+        fast.append(hand("pretag"))
+        peft.append(hand("peft"))
+        out = tmp / f"run{r}"
+        train(cfg, data, out)
+        pre.append(statistics.mean(v for s, v in _history(out) if s > a.warm))
+    peaks.append(matmul_peak(dtype))
+    load.append(os.getloadavg())
+    n_params = sum(p.numel() for p in pm.parameters())
+    n_train = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    fpt = models.train_flops_per_token(pm, a.block_size)
+    print(f"model {a.model} + LoRA r={a.lora_r} (all linear layers) + tag rows: {n_params / 1e6:.1f}M params, "
+          f"{n_train / 1e6:.2f}M trainable, vocab {len(tok)}, batch {a.batch_size} x {a.block_size}, {a.precision}, "
+          f"{torch.get_num_threads()} threads, {a.steps} steps ({a.warm} untimed); GGUF load {load_s:.0f} s")
+    print(f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load[0])}, "
+          f"after {'/'.join(f'{x:.1f}' for x in load[1])} on {os.cpu_count()} cores")
+    print(f"pretag train (Trainer)          : best {max(pre):6.0f} tokens/s  (runs: {', '.join(f'{x:.0f}' for x in pre)})")
+    print(f"hand loop, pretag's tag rows    : best {max(fast):6.0f} tokens/s  (runs: {', '.join(f'{x:.0f}' for x in fast)})")
+    print(f"hand loop, peft's tag rows      : best {max(peft):6.0f} tokens/s  (runs: {', '.join(f'{x:.0f}' for x in peft)})")
+    print(f"ratio pretag train / hand loop  : {max(pre) / max(fast):.3f}")
+    print(f"ratio pretag rows / peft rows   : {max(fast) / max(peft):.3f}")
+    peak = max(peaks)
+    print(f"{a.precision} matmul peak: {peak / 1e9:.1f} GFLOP/s (before/after {peaks[0] / 1e9:.1f}/{peaks[1] / 1e9:.1f}); "
+          f"6N + 12LdT = {fpt / 1e6:.0f} MFLOP/token (LoRA needs ~2/3 of it: no frozen-weight gradients), "
+          f"MFU (6N) pretag {100 * max(pre) * fpt / peak:.1f}%")
 
 
 def _history(out: Path) -> list[tuple[int, float]]:
