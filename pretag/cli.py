@@ -23,6 +23,7 @@ COMMANDS = {
     "serve": "pretag.commands.serve",
     "demo": "pretag.commands.demo",
     "interpret": "pretag.commands.interpret",
+    "export": "pretag.commands.export",
 }
 
 

@@ -91,7 +91,8 @@ TRAIN_OUTPUTS = ("checkpoints", ".staging", "tensorboard", "metrics.csv", "preta
                  "value_head.pt", "eval_cache", "experiment_run.json", "config.json", "generation_config.json",
                  "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                 "merges.txt", "chat_template.jinja")
+                 "merges.txt", "chat_template.jinja", "adapter_model.safetensors",
+                 "adapter_config.json")
 
 
 def clear_model_dir(path: str | Path) -> None:

@@ -291,6 +291,13 @@ def test_lora_dir_is_saved_small_and_reloads_over_its_base_to_identical_logits(p
     plain = AutoModelForCausalLM.from_pretrained(full)
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=x).logits, want, atol=1e-5)
+    from pretag.cli import main  # the same through the command line; a non-empty --out is refused
+
+    assert main(["export", str(out), "--out", str(tmp_path / "cli")]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, want, atol=1e-5)
+    assert main(["export", str(out), "--out", str(tmp_path / "cli")]) == 2
 
 
 # ---- training from a GGUF: the quantizer state left by the dequantising load ----------------------------------------
