@@ -448,8 +448,6 @@ def test_ray_cluster_worker_killed_mid_job_then_rerun_equals_uninterrupted(tmp_p
             out = tmp_path / case[0]
             cmd = [*_cmd(src, schema, out), "--engine", "ray", "--num-proc", "2"]
             first = _kill_worker_mid_job(cluster, cmd, out, also_the_driver)
-            nodes = set((tmp_path / "nodes").read_text().split()) - {"local"}  # Ray node ids of the scorer calls
-            assert len(nodes) >= 2, f"both nodes must have labeled shards: {nodes}"
             cluster.start_node("--address", cluster.address)  # a replacement worker joins
             cluster.wait_nodes(2)
             t = time.time()
@@ -464,4 +462,8 @@ def test_ray_cluster_worker_killed_mid_job_then_rerun_equals_uninterrupted(tmp_p
             assert load_labeled(out) == load_labeled(ref), case
             report[case] = {**{k: v for k, v in first.items() if k != "output"}, "rerun": summary["shards"],
                             "rerun_s": round(time.time() - t, 1)}
+    # over the whole test (a kill can come before the worker's actor has scored anything, on a loaded machine, so
+    # not per run): the scorer ran on more than one node of the cluster
+    nodes = set((tmp_path / "nodes").read_text().split()) - {"local"}  # Ray node ids of the scorer calls
+    assert len(nodes) >= 2, f"the cluster's nodes must have labeled shards: {nodes}"
     print("\nray cluster:", json.dumps(report, indent=1))
