@@ -121,10 +121,13 @@ def walk_files(root: Path, pattern: str = "*", prune: tuple[str, ...] = ()) -> I
 
 
 def files_corpus(name: str, root: Path | None, paths: Callable[[], Iterator[Path]], *, exclude=(),
-                 fallback_encoding: str | None = None, fields: dict | None = None) -> Corpus:
-    """One document per file; ids are paths relative to ``root``."""
+                 fallback_encoding: str | None = None, fields: dict | None = None,
+                 make_filter: Callable[[Corpus], Callable[[bytes, str], bool]] | None = None) -> Corpus:
+    """One document per file; ids are paths relative to ``root``. ``make_filter(corpus)`` is called once per pass
+    over the corpus and returns a ``keep(data, id)`` test (it records its own skips), for readers with more rules."""
 
     def read(c: Corpus) -> Iterator[Document]:
+        keep = make_filter(c) if make_filter is not None else None
         for p in paths():
             rel = p.relative_to(root).as_posix() if root else p.as_posix()
             if excluded(rel, exclude):
@@ -135,6 +138,8 @@ def files_corpus(name: str, root: Path | None, paths: Callable[[], Iterator[Path
                 data = p.read_bytes()
             except OSError as e:
                 c.skip("unreadable", f"{rel} ({e.strerror})")
+                continue
+            if keep is not None and not keep(data, rel):
                 continue
             text = decode_file(data, rel, c, fallback_encoding)
             if text is not None:
@@ -244,36 +249,26 @@ def site_packages_corpus(exclude=()) -> Corpus:
                     if Path(sysconfig.get_paths()[k]).is_dir()})
     pats = (*SITE_TESTS, *GENERATED_NAMES, *exclude)
 
-    def read(c: Corpus) -> Iterator[Document]:
-        seen: set[bytes] = set()
-        for root in roots:
-            for f in walk_files(root, "*.py"):
-                rel = f.relative_to(root).as_posix()
-                if excluded(rel, pats):
-                    c.stats["excluded"] += 1
-                    continue
-                c.stats["files"] += 1
-                try:
-                    data = f.read_bytes()
-                except OSError as e:
-                    c.skip("unreadable", f"{rel} ({e.strerror})")
-                    continue
-                if len(data) > SITE_MAX_BYTES:
-                    c.skip("too_large", rel)
-                    continue
-                if GENERATED_MARKS.search(data[:2048]):
-                    c.skip("generated", rel)
-                    continue
-                digest = hashlib.blake2b(data, digest_size=16).digest()
-                if digest in seen:
-                    c.skip("duplicate", rel)
-                    continue
-                seen.add(digest)
-                text = decode_file(data, rel, c)
-                if text is not None:
-                    yield Document(id=rel, source=str(f), text=text)
+    def make_filter(c: Corpus) -> Callable[[bytes, str], bool]:
+        seen: set[bytes] = set()  # per pass: a corpus is read again from scratch
 
-    c = Corpus("site-packages", read)
+        def keep(data: bytes, rel: str) -> bool:
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            reason = ("too_large" if len(data) > SITE_MAX_BYTES else "generated" if GENERATED_MARKS.search(data[:2048])
+                      else "duplicate" if digest in seen else None)
+            if reason:
+                c.skip(reason, rel)
+                return False
+            seen.add(digest)
+            return True
+        return keep
+
+    def paths() -> Iterator[Path]:
+        for root in roots:
+            yield from walk_files(root, "*.py")
+
+    c = files_corpus("site-packages", roots[0] if len(roots) == 1 else None, paths, exclude=pats,
+                     make_filter=make_filter)
     c.notes.append(f"site-packages at {', '.join(map(str, roots))}: tests, generated files (protobuf stubs, "
                    "'generated'/'do not edit' headers), files over 1 MB and exact duplicates left out")
     return c

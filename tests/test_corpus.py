@@ -143,3 +143,4 @@ def test_site_packages_corpus_leaves_out_tests_generated_files_and_duplicates(tm
     assert sorted(d.id for d in c) == ["pkg/core.py", "pkg/doc.py"]
     r = c.report()
     assert r["skipped"] == {"duplicate": 1, "generated": 1} and r["excluded"] == 3
+    assert sorted(d.id for d in c) == ["pkg/core.py", "pkg/doc.py"]  # a second pass reads the same (not "duplicates")
