@@ -448,7 +448,9 @@ def _trainer_class():
                 values = head(out.hidden_states[-1]).squeeze(-1)  # (B, T)
             cf_logits = None
             if model.training and self.pretag_cfg.method in NEEDS_COUNTERFACTUAL:
-                cf_ids = self.swap.to(inputs["input_ids"].device)[inputs["input_ids"]]
+                if self.swap.device != inputs["input_ids"].device:  # moved once, not copied every step
+                    self.swap = self.swap.to(inputs["input_ids"].device)
+                cf_ids = self.swap[inputs["input_ids"]]
                 cf_logits = model(input_ids=cf_ids, use_cache=False).logits
             tb = shift(out.logits, inputs, values, cf_logits)
             if model.training:
