@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import zlib
@@ -126,6 +127,9 @@ def _fields() -> dict[str, str]:
     return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig) if f.name != "sources"}
 
 
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _type_ok(value: Any, annotation: str) -> Any:
     """Coerce/check one value against a field annotation such as ``float | None``; raise ValueError if wrong."""
     kinds = [k.strip() for k in annotation.split("|")]
@@ -143,6 +147,8 @@ def _type_ok(value: Any, annotation: str) -> Any:
         return int(value)
     if "float" in kinds and isinstance(value, int | float):
         return float(value)
+    if "float" in kinds and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if "str" in kinds and isinstance(value, str):
         return value
     if any(k.startswith("dict") for k in kinds) and isinstance(value, dict):

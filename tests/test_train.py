@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pretag.schema import schema_from_dict  # noqa: E402
-from pretag.train import CONFIG_DIR, last_checkpoint, resolve_config, train  # noqa: E402
+from pretag.train import CONFIG_DIR, last_checkpoint, parse_sets, resolve_config, train  # noqa: E402
 
 TOY = {"name": "toy", "segmenter": "sentences", "attributes": [{"name": "tox", "scorer": "profanity",
                                                                   "threshold": 0.5}]}
@@ -76,6 +76,12 @@ def test_user_config_file_and_methods_section(tmp_path):
     f.write_text("lr: 0.0003\nmethods:\n  rwr: {beta: 3}\n  awr: {beta: 7}\n")
     assert resolve_config("rwr", schema_name="pep8", config_file=f).beta == 3
     assert resolve_config("rwr", schema_name="pep8", config_file=f).lr == 0.0003
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it as the number it spells
+    f.write_text("lr: 1e-3\nmethods:\n  rwr: {beta: 2E+1}\n")
+    c = resolve_config("rwr", schema_name="pep8", config_file=f, sets=parse_sets(["weight_clip=5e2"]))
+    assert (c.lr, c.beta, c.weight_clip) == (0.001, 20.0, 500.0)
+    with pytest.raises(ValueError, match="lr must be float"):
+        resolve_config("mle", sets=parse_sets(["lr=1e-3x"]))
 
 
 def test_config_problems_are_all_reported_at_once(tmp_path):
