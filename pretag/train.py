@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,6 +420,7 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 def _trainer_class():
     """Build the Trainer subclass lazily (transformers is heavy; ``import pretag.train`` stays light)."""
+    import torch
     from transformers import Trainer, TrainerCallback
 
     from pretag.models import VALUE_HEAD
@@ -430,8 +432,6 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.swap = None  # conditional_ul: a (V,) id map that swaps every bad tag for its good one
             if good_swap:
-                import torch
-
                 self.swap = torch.arange(len(self.processing_class))
                 for k, v in good_swap.items():
                     self.swap[k] = v
@@ -447,7 +447,11 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             need_values = self.pretag_cfg.method in NEEDS_VALUES
-            out = model(input_ids=inputs["input_ids"], output_hidden_states=need_values, use_cache=False)
+            # packed blocks hold no padding (a short last block's tail is masked out of the loss and, being last,
+            # never attended to); saying so keeps transformers' "may be padded" warning off the console
+            ones = torch.ones_like(inputs["input_ids"])
+            out = model(input_ids=inputs["input_ids"], attention_mask=ones, output_hidden_states=need_values,
+                        use_cache=False)
             values = None
             if need_values:
                 head = getattr(self.accelerator.unwrap_model(model), VALUE_HEAD)
@@ -457,7 +461,7 @@ def _trainer_class():
                 if self.swap.device != inputs["input_ids"].device:  # moved once, not copied every step
                     self.swap = self.swap.to(inputs["input_ids"].device)
                 cf_ids = self.swap[inputs["input_ids"]]
-                cf_logits = model(input_ids=cf_ids, use_cache=False).logits
+                cf_logits = model(input_ids=cf_ids, attention_mask=ones, use_cache=False).logits
             tb = shift(out.logits, inputs, values, cf_logits)
             if model.training:
                 loss, logs = self.objective(tb, self.objective_cfg)
@@ -682,6 +686,14 @@ def _main_process_first(world: int, use_cpu: bool):
         yield state.is_main_process
 
 
+def _quiet_library_warnings() -> None:
+    """Keep two library warnings a user cannot act on off the console: transformers 5 deprecating a property that
+    its own stack still reads when peft wraps a model (``is_gradient_checkpointing``), and peft finding no ``config.json`` beside a GGUF
+    base when it saves an adapter (the tag rows are saved by ``trainable_token_indices`` regardless)."""
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .*will assume that the vocabulary")
+
+
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: bool = False) -> TrainResult:
     """Train ``cfg.model`` on the labeled dataset ``data`` with ``cfg.method``; write a model dir to ``out``.
 
@@ -695,6 +707,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
     from pretag import models
     from pretag.tokens import good_swap
 
+    _quiet_library_warnings()
     t_start = time.perf_counter()
     out = Path(out)
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()

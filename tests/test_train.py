@@ -104,13 +104,19 @@ def test_every_shipped_config_resolves_for_every_method():
 
 # ---- training ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["mle", "filter", "conditional", "unlikelihood", "rwr", "awr", "conditional_ul"])
-def test_each_method_changes_parameters_with_finite_losses(data, tmp_path, method):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_each_method_changes_parameters_with_finite_losses(data, tmp_path, method, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     from pretag.models import build_model
 
+    unmasked = []  # forwards without an attention mask: transformers warns "your input_ids may be padded"
+    check = PreTrainedModel.warn_if_padding_and_no_attention_mask
+    monkeypatch.setattr(PreTrainedModel, "warn_if_padding_and_no_attention_mask",
+                        lambda self, ids, mask: (unmasked.append(ids.shape) if mask is None else None,
+                                                 check(self, ids, mask))[1])
     cfg = cfg_for(method, threshold=0.5 if method == "filter" else None)
     res = train(cfg, data, tmp_path / method)
+    assert not unmasked, f"{len(unmasked)} training forwards without an attention mask"
     assert res.steps == 4
     assert torch.isfinite(torch.tensor(res.train_loss)) and torch.isfinite(torch.tensor(res.eval_loss))
     tok = AutoTokenizer.from_pretrained(res.out)
