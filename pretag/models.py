@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,14 @@ def detach_value_head(model) -> nn.Module | None:
     return head
 
 
+def quiet_peft_warnings() -> None:
+    """Keep two library warnings a user cannot act on off the console whenever peft wraps a model: transformers 5
+    deprecating ``is_gradient_checkpointing``, which its own stack still reads, and peft finding no ``config.json``
+    beside a GGUF base when it saves an adapter (the tag rows are saved by ``trainable_token_indices`` regardless)."""
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .*will assume that the vocabulary")
+
+
 def apply_lora(model, tokenizer, schema: Schema, r: int = 8, alpha: int = 16, dropout: float = 0.0):
     """Wrap ``model`` with LoRA adapters on every linear layer; the tag token embeddings stay fully trainable.
 
@@ -265,6 +274,7 @@ def apply_lora(model, tokenizer, schema: Schema, r: int = 8, alpha: int = 16, dr
     """
     from peft import LoraConfig, get_peft_model
 
+    quiet_peft_warnings()
     ids = sorted(tag_ids(tokenizer, schema).values())
     names = {id(m): n for n, m in model.named_modules()}
     inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
@@ -378,6 +388,7 @@ def _load_adapter(path: Path, tokenizer, schema: Schema, merge: bool):
     """Base model (from ``base:`` in pretag_train.yaml) + the tag rows + the LoRA adapter saved in ``path``."""
     from peft import PeftModel
 
+    quiet_peft_warnings()
     saved = yaml.safe_load((path / TRAIN_FILE).read_text()) or {}
     conf = saved.get("config") or {}
     base = saved.get("base") or conf.get("model")

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -686,14 +685,6 @@ def _main_process_first(world: int, use_cpu: bool):
         yield state.is_main_process
 
 
-def _quiet_library_warnings() -> None:
-    """Keep two library warnings a user cannot act on off the console: transformers 5 deprecating a property that
-    its own stack still reads when peft wraps a model (``is_gradient_checkpointing``), and peft finding no ``config.json`` beside a GGUF
-    base when it saves an adapter (the tag rows are saved by ``trainable_token_indices`` regardless)."""
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"Could not find a config file in .*will assume that the vocabulary")
-
-
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: bool = False) -> TrainResult:
     """Train ``cfg.model`` on the labeled dataset ``data`` with ``cfg.method``; write a model dir to ``out``.
 
@@ -707,7 +698,6 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
     from pretag import models
     from pretag.tokens import good_swap
 
-    _quiet_library_warnings()
     t_start = time.perf_counter()
     out = Path(out)
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
