@@ -15,6 +15,7 @@ import sys
 # name -> module; the order is the order in `pretag --help`
 COMMANDS = {
     "label": "pretag.commands.label",
+    "inline": "pretag.commands.inline",
     "tokenize": "pretag.commands.tokenize",
     "train": "pretag.commands.train",
     "generate": "pretag.commands.generate",
