@@ -128,7 +128,8 @@ class StateTable:
     key = ((m * P + pol_prev) * T + in_text) * (G + 1) + (pending + 1), where ``pending`` is the attribute group
     that must follow the last token (-1: none), ``in_text`` whether the row has written text (T = 2 only when some
     policy forces at the start), ``pol_prev`` the row's policy before this step's rules (only with switch rules)
-    and ``m`` the bitmask of latched ban/switch rules. Made by running :func:`apply_rules` and :func:`decide` over all states at once.
+    and ``m`` the bitmask of latched ban/switch rules. Made by running :func:`apply_rules` and :func:`decide` over
+    all states at once.
     """
 
     slot: Any      # (K, S): each state's addition to the tag logits (bias, or -inf: not allowed)
@@ -525,7 +526,8 @@ class TagProcessor(LogitsProcessor):
     by :func:`decide`, so a step is a table lookup plus one add over the vocabulary (the *compiled* path). With one
     row on the CPU (an interactive session, the server) the lookup runs on Python scalars (:meth:`_call_host`).
     A Python callback (free to change any row's bias) and beam re-ordering need the *general* path, which runs
-    :func:`apply_rules` and :func:`decide` per step. ``tests/test_control_oracle.py`` checks all three against a direct reference.
+    :func:`apply_rules` and :func:`decide` per step. ``tests/test_control_oracle.py`` checks all three against a
+    direct, slow reference written independently of this module.
     """
 
     def __init__(self, tokenizer, schema: Schema, policy: TagPolicy | str | None = None, *,
