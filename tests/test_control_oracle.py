@@ -56,9 +56,12 @@ class Oracle:
         self.starts = {i for i in (tok.bos_token_id, tok.eos_token_id) if i is not None}
         self.tag_ids = {i for i, _, _ in self.slots}
         self.rows = None
+        self.texts = {}
 
     def text(self, i):
-        return self.tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if i not in self.texts:
+            self.texts[i] = self.tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.texts[i]
 
     def target(self, rule):
         return rule.policy if isinstance(rule.policy, TagPolicy) else load_policy(rule.policy, self.schema)
