@@ -106,6 +106,8 @@ class RuleTable:
     switch: Any            # (R,) long: the policy a ``switch`` rule selects (index into ``Plan.policies``; -1: none)
     stop_cols: tuple[int, ...]  # the ``stop`` rules
     bits: Any              # (R,) long: 2^j for the j-th ban/switch rule (they select the compiled state), else 0
+    host: tuple[tuple[int, float, bool, int, int], ...]  # per rule (watch, above, watches nothing, k, after) as
+    host_bits: tuple[int, ...]                           # Python scalars, and bits: for one row on the CPU
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,10 @@ def _rule_table(schema: Schema, policies: list[TagPolicy], slots: list[str], dev
         switch=torch.tensor(switch, dtype=torch.long, device=device),
         stop_cols=tuple(i for i, r in enumerate(rules) if r.action == "stop"),
         bits=torch.tensor(bits, dtype=torch.long, device=device),
+        # thresholds as the float32 values the tensor paths compare against, so every path fires on the same step
+        host=tuple((col(r.watch) if r.watch else 0, float(torch.tensor(float(r.above or 0.0))), r.watch is None,
+                    r.consecutive, r.after or 0) for r in rules),
+        host_bits=tuple(bits),
     )
 
 
@@ -426,48 +432,75 @@ def action_codes(allowed, bias):
 
 
 # ---- rule state: the one place rules count and latch -------------------------------------------------------------
+def advance(count, latched, held, k, ready):
+    """The rules' semantics, written once: ``(count, latched, fired)`` after one step.
+
+    ``held``: the rule's condition held at this step (it watches nothing, or its tag's temptation is above its
+    threshold); ``count`` steps in a row it held; ``ready``: the step is at or past the rule's ``after``. A rule fires
+    at the first step where it held ``k`` steps in a row and is ready, then stays fired (latched). Works alike on
+    (B, R) tensors and on one rule's Python scalars (the one-row path, where each tensor op would cost ~3 us).
+    """
+    count = (count + 1) * held                                                       # consecutive steps, 0 when not
+    now = latched | ((count >= k) & ready)
+    return count, now, now ^ latched                                                 # fires once, then latches
+
+
 class RuleState:
     """Per row and rule: for how many consecutive steps the rule's condition has held, and whether it has fired.
 
-    A rule's condition holds at a step when it watches nothing or its tag's temptation is above its threshold; it
-    fires at the first step ``t >= after`` where the condition held ``consecutive`` steps in a row, and stays fired
-    (latched). Every path of :class:`TagProcessor` steps this one object; the rules themselves are never written.
+    Every path of :class:`TagProcessor` steps this object, and it steps by :func:`advance`: on (B, R) tensors, or,
+    for one row on the host (``host=True``), on Python scalars. The rules themselves are never written.
     """
 
-    def __init__(self, rules: RuleTable, batch: int, device):
+    def __init__(self, rules: RuleTable, batch: int, device, *, host: bool = False):
         import torch
 
-        self.rules = rules
+        self.rules, self.host = rules, host
         R = rules.k.shape[0]
-        self.count = torch.zeros(batch, R, dtype=torch.long, device=device)
-        self.latched = torch.zeros(batch, R, dtype=torch.bool, device=device)
+        if host:
+            self.count, self.latched = [0] * R, [False] * R
+            self._fired: dict[tuple[bool, ...], Any] = {}  # one (1, R) tensor per pattern, made once
+            self._bool = (torch.zeros(1, dtype=torch.bool, device=device), torch.ones(1, dtype=torch.bool, device=device))
+        else:
+            self.count = torch.zeros(batch, R, dtype=torch.long, device=device)
+            self.latched = torch.zeros(batch, R, dtype=torch.bool, device=device)
 
     def step(self, temptation, step: int):
         """Advance by one step given the (B, S) temptation; return the (B, R) rules that fired at it."""
         r = self.rules
-        cond = temptation.index_select(1, r.watch) > r.above                         # (B, R)
+        if self.host:
+            t = temptation[0].tolist()
+            fired = []
+            for j, (w, above, nowatch, k, after) in enumerate(r.host):
+                self.count[j], self.latched[j], f = advance(self.count[j], self.latched[j],
+                                                            nowatch or t[w] > above, k, step >= after)
+                fired.append(f)
+            key = tuple(fired)
+            if key not in self._fired:
+                self._fired[key] = self._bool[0].new_tensor([key])
+            return self._fired[key]
+        held = temptation.index_select(1, r.watch) > r.above                         # (B, R)
         if r.nowatch is not None:
-            cond = cond | r.nowatch
-        self.count = self.count.add(1).mul_(cond)                                    # consecutive steps, 0 when not
-        ready = self.count >= r.k
-        if r.after is not None:
-            ready = ready & (r.after <= step)
-        latched = self.latched | ready
-        fired = latched ^ self.latched                                               # fires once, then latches
-        self.latched = latched
+            held = held | r.nowatch
+        self.count, self.latched, fired = advance(self.count, self.latched, held, r.k,
+                                                  True if r.after is None else r.after <= step)
         return fired
 
     def stopped(self):
-        """(B,) bool: a ``stop`` rule has fired; None without stop rules. Always a new tensor."""
+        """(B,) bool: a ``stop`` rule has fired; None without stop rules. Never a tensor it writes to later."""
         cols = self.rules.stop_cols
         if not cols:
             return None
+        if self.host:
+            return self._bool[any(self.latched[j] for j in cols)]
         if len(cols) == 1:
-            return self.latched[:, cols[0]].clone()
+            return self.latched[:, cols[0]]  # a view of a tensor that advance replaces, never writes
         return self.latched[:, list(cols)].any(-1)
 
     def mask(self):
-        """(B,) long: the bitmask of latched ban/switch rules (the ``m`` of a state key)."""
+        """The bitmask of latched ban/switch rules (the ``m`` of a state key): (B,) long, or an int on the host."""
+        if self.host:
+            return sum(b for b, on in zip(self.rules.host_bits, self.latched) if on)
         return (self.latched * self.rules.bits).sum(-1)
 
     def reorder(self, rows) -> None:
@@ -620,14 +653,13 @@ class TagProcessor(LogitsProcessor):
 
     def _start(self, B: int, device) -> None:
         """Per-row state at the first step: policy 0, no text yet, no rule counted or latched, not stopped."""
-        torch = self._torch
-        self._rules = RuleState(self.plan.rules, B, device)
+        torch, st = self._torch, self.plan.states
+        self._host = (B == 1 and not self._general and self.repetition_penalty == 1.0 and st is not None
+                      and st.host is not None)
+        self._rules = RuleState(self.plan.rules, B, device, host=self._host)
         self._pol = torch.zeros(B, dtype=torch.long, device=device)
         self._in_text = torch.zeros(B, dtype=torch.bool, device=device)
         self.stop = torch.zeros(B, dtype=torch.bool, device=device)
-        st = self.plan.states
-        self._host = (B == 1 and not self._general and self.repetition_penalty == 1.0 and st is not None
-                      and st.host is not None)
         self._host_state = [False, 0]  # the one row's in_text and policy, as Python scalars
 
     def _call_compiled(self, input_ids, scores, step: int):
@@ -686,7 +718,7 @@ class TagProcessor(LogitsProcessor):
             self.fired.append(self._rules.step(temptation, step))
             self.stop = self._rules.stopped() if self.plan.rules.stop_cols else self.stop
             if st.k_m:
-                m = int(self._rules.mask())
+                m = self._rules.mask()
                 key += row[1] * st.k_pol + m * st.k_m
                 row[1] = h.pol[m]
         out = torch.add(scores, h.all[key])                                      # one add: text and tag columns
