@@ -38,6 +38,7 @@ Memory: per step the processor keeps the (batch, slots) temptation and a (batch,
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import re
@@ -72,95 +73,439 @@ ACTION_NAMES = {UNTOUCHED: "allow", BIASED: "bias", BANNED: "ban"}
 MAX_STATE_RULES = 8  # ban/switch rules the compiled path enumerates (2^n states); more use the general path
 
 
-# ---- the processor -----------------------------------------------------------------------------------------------
-_TEXTS: dict[tuple[int, int, int], list[str]] = {}
+# ---- the plan: everything a processor looks up, compiled once ------------------------------------------------------
+@dataclass(frozen=True)
+class VocabTables:
+    """Per-token facts about one tokenizer's vocabulary under one schema's tags and segmenter.
+
+    Decoding and matching every token takes milliseconds (a few % of a short generation) and ``generate`` builds a
+    processor per call, so these are made once per tokenizer, schema layout, vocabulary size and device, and shared
+    by every plan over them (whatever the policy).
+    """
+
+    group_after: Any  # (V,) long: the attribute group that must follow token v (-1: none, text may follow)
+    ws: Any           # (V,) bool: v may be the whitespace that ends a sentence/paragraph after a ``prev_ok`` token
+    prev_ok: Any      # (V,) bool: v may end a sentence/paragraph once whitespace follows; None: no two-token rule
+    first_seg: int    # the first segment attribute's group (-1: the schema has none)
+    is_text: Any      # (V,) bool: neither a tag nor a document start
+    gi: Any           # (V,) long: group_after + 1, the pending part of a state key
+    gi2: Any          # (2V,) long: gi, then gi after a ``prev_ok`` token (read at v + prev_off[previous]); or None
+    prev_off: Any     # (V,) long: V where prev_ok, else 0; or None
 
 
-def _token_texts(tokenizer, vocab_size: int) -> list[str]:
-    """The decoded text of every id (ids past the tokenizer's size decode to ''); cached per tokenizer."""
-    key = (id(tokenizer), len(tokenizer), vocab_size)
-    if key not in _TEXTS:
-        if len(_TEXTS) > 8:
-            _TEXTS.clear()
-        _TEXTS[key] = _decode_all(tokenizer, vocab_size)
-    return _TEXTS[key]
+@dataclass(frozen=True)
+class RuleTable:
+    """A policy's rules as tensors, one column per rule (``R`` of them)."""
+
+    watch: Any             # (R,) long: the slot each rule watches (0 when it watches none)
+    above: Any             # (R,) float32: the temptation threshold (every path compares in float32)
+    nowatch: Any           # (R,) bool: the rule watches nothing (its condition always holds); None if every rule does
+    k: Any                 # (R,) long: consecutive steps needed
+    after: Any             # (R,) long: first step it may fire at; None if no rule has one
+    ban: Any               # (R, S) float: 1 where a latched ``ban`` rule bans the slot
+    switch: Any            # (R,) long: the policy a ``switch`` rule selects (index into ``Plan.policies``; -1: none)
+    stop_cols: tuple[int, ...]  # the ``stop`` rules
+    bits: Any              # (R,) long: 2^j for the j-th ban/switch rule (they select the compiled state), else 0
+    host: tuple[tuple[int, float, bool, int, int], ...]  # per rule (watch, above, watches nothing, k, after) as
+    host_bits: tuple[int, ...]                           # Python scalars, and bits: for one row on the CPU
 
 
-def _decode_all(tokenizer, vocab_size: int) -> list[str]:
-    n = min(vocab_size, len(tokenizer))
-    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
-    return texts + [""] * (vocab_size - n)
+@dataclass(frozen=True)
+class HostTables:
+    """The compiled states as Python lists and whole-vocabulary rows, for one row on the CPU (``_call_host``)."""
+
+    all: Any                  # (K, V): each state's whole action (0 / -inf on text, bias / -inf on the tag columns)
+    gi: list[int]
+    gi2: list[int] | None
+    prev_off: list[int] | None
+    is_text: list[bool]
+    pol: list[int]            # StateTable.pol
+    keys: list[Any]           # (1,) long tensor per key, so the record costs no allocation
+
+
+@dataclass(frozen=True)
+class StateTable:
+    """Every state a row can be in, with its action precomputed, so a step is a lookup and one add.
+
+    key = ((m * P + pol_prev) * T + in_text) * (G + 1) + (pending + 1), where ``pending`` is the attribute group
+    that must follow the last token (-1: none), ``in_text`` whether the row has written text (T = 2 only when some
+    policy forces at the start), ``pol_prev`` the row's policy before this step's rules (only with switch rules)
+    and ``m`` the bitmask of latched ban/switch rules. Made by running :func:`apply_rules` and :func:`decide` over
+    all states at once.
+    """
+
+    slot: Any      # (K, S): each state's addition to the tag logits (bias, or -inf: not allowed)
+    text: Any      # (K, 1): 0, or -inf where a tag must come
+    act: Any       # (K, S) int8 action codes
+    forced: Any    # (K,) bool
+    pol: Any       # (M,) long: the policy after the rules, by m (a row's policy changes only by a switch)
+    k_text: int    # key strides (0: that part is absent)
+    k_pol: int
+    k_m: int
+    host: HostTables | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a :class:`TagProcessor` looks up: the vocabulary, each policy's action per tag slot, the rules and (for
+    the compiled paths) every state's action. Made by :func:`compile_plan`; shared and never changed."""
+
+    vocab: VocabTables
+    slot_ids: Any   # (S,) long: the tag token of each slot
+    bias: Any       # (P, S) per policy (0: main, then each switch target): each slot's bias, -inf: banned
+    force_ok: Any   # (P, max(G, 1), S) bool: the slot may be written where group g must come
+    free_ok: Any    # (P, S) bool: the slot may be written anywhere else
+    mode: Any       # (P,) long: force_at code
+    rules: RuleTable
+    states: StateTable | None  # None: the policy is evaluated per step (the general path)
+
+
+_TABLES: dict[tuple, tuple[Any, Any]] = {}  # key -> (weakref to the tokenizer, VocabTables | Plan)
+
+
+def _cached(tokenizer, key: tuple, make: Callable[[], Any]):
+    """One cache for vocabulary tables and plans, keyed on everything they depend on (ids can be reused once a
+    tokenizer dies: the weak reference tells)."""
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is tokenizer:
+        return hit[1]
+    value = make()
+    if len(_TABLES) > 48:
+        _TABLES.clear()
+    _TABLES[key] = (weakref.ref(tokenizer), value)
+    return value
+
+
+def _layout(schema: Schema) -> tuple:
+    """What a plan reads from a schema: render, segmenter and each attribute's level and tags, in forcing order."""
+    return (schema.render, schema.segmenter,
+            tuple((a.name, a.level, tuple(a.tags.values())) for a in _order(schema)))
+
+
+def _order(schema: Schema) -> list:
+    """Forcing order: document attributes first (generation start only), then segment attributes."""
+    return schema.document_attributes + schema.segment_attributes
+
+
+def switch_targets(policy: TagPolicy, schema: Schema) -> list[TagPolicy]:
+    """The policies a processor may apply: ``policy`` first, then each ``switch`` rule's target, in rule order."""
+    return [policy] + [r.policy if isinstance(r.policy, TagPolicy) else load_policy(r.policy, schema)
+                       for r in policy.rules if r.action == "switch"]
+
+
+def compile_plan(tokenizer, schema: Schema, policies: Sequence[TagPolicy], vocab: int, device, *,
+                 doc_start_ids: Sequence[int] = (), states: bool = True) -> Plan:
+    """The plan for ``policies`` (:func:`switch_targets`) over a vocabulary of ``vocab`` ids on ``device``; cached.
+
+    ``states=False`` skips enumerating the states (the general path evaluates the policy per step); so do more than
+    ``MAX_STATE_RULES`` ban/switch rules (2^n states).
+    """
+    import torch
+
+    device = torch.device(device)
+    slot_ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens)
+    key = ("plan", id(tokenizer), len(tokenizer), _layout(schema), slot_ids, repr(list(policies)), vocab, str(device),
+           tuple(doc_start_ids), states)
+    return _cached(tokenizer, key, lambda: _compile_plan(tokenizer, schema, list(policies), vocab, device,
+                                                         tuple(doc_start_ids), states))
+
+
+def _compile_plan(tokenizer, schema, policies, vocab, device, doc_start_ids, states) -> Plan:
+    import torch
+
+    vt = vocab_tables(tokenizer, schema, vocab, device, doc_start_ids=doc_start_ids)
+    slots = schema.tag_tokens
+    slot_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in slots], device=device)
+    span = schema.render == "span"
+    slot_tag = [t for t in schema.tag_names for _ in range(2 if span else 1)]
+    slot_close = [span and i % 2 == 1 for i in range(len(slots))]
+    order = _order(schema)
+    S, G, P = len(slots), len(order), len(policies)
+    # per policy: bias (-inf = banned), tags allowed when forcing group g, tags allowed elsewhere
+    bias = torch.zeros(P, S)
+    force_ok = torch.zeros(P, max(G, 1), S, dtype=torch.bool)
+    free_ok = torch.zeros(P, S, dtype=torch.bool)
+    mode = torch.zeros(P, dtype=torch.long)
+    for p, pol in enumerate(policies):
+        fa = pol.resolved_force_at(schema)
+        mode[p] = _MODE_CODE[fa]
+        forced_attrs = {schema.attribute_of_tag(t)[0].name for t in pol.force}
+        for s, tag in enumerate(slot_tag):
+            attr = schema.attribute_of_tag(tag)[0]
+            banned = tag in pol.ban or (attr.name in forced_attrs and tag not in pol.force)
+            bias[p, s] = float("-inf") if banned else float(pol.bias.get(tag, 0.0))
+            if banned or slot_close[s]:
+                continue
+            if not span:
+                force_ok[p, next(i for i, a in enumerate(order) if a.name == attr.name), s] = True
+            # tags outside forced positions: only without segment forcing; span tags never mid-text
+            free_ok[p, s] = fa == "none" or (fa == "start" and not span)
+        if span and fa == "none":
+            free_ok[p] = torch.isfinite(bias[p]) & ~torch.tensor(slot_close)
+    rules = _rule_table(schema, policies, slots, device)
+    plan = Plan(vt, slot_ids, bias.to(device), force_ok.to(device), free_ok.to(device), mode.to(device), rules, None)
+    n_state_rules = int((rules.bits > 0).sum())
+    if states and n_state_rules <= MAX_STATE_RULES:
+        plan = dataclasses.replace(plan, states=_compile_states(plan, len(policies), G, n_state_rules, device))
+    return plan
+
+
+def _rule_table(schema: Schema, policies: list[TagPolicy], slots: list[str], device) -> RuleTable:
+    import torch
+
+    rules = policies[0].rules
+    R = len(rules)
+
+    def col(tag: str) -> int:
+        return slots.index(schema.open_token(tag))
+
+    ban = torch.zeros(R, len(slots))
+    for i, r in enumerate(rules):
+        for t in r.tags if r.action == "ban" else ():
+            ban[i, col(t)] = 1.0
+            if schema.render == "span":
+                ban[i, col(t) + 1] = 1.0
+    targets = iter(range(1, len(policies)))
+    switch = [next(targets) if r.action == "switch" else -1 for r in rules]
+    state_rules = [i for i, r in enumerate(rules) if r.action in ("ban", "switch")]
+    bits = [0] * R
+    for j, i in enumerate(state_rules):
+        bits[i] = 2 ** j
+    return RuleTable(
+        watch=torch.tensor([col(r.watch) if r.watch else 0 for r in rules], dtype=torch.long, device=device),
+        above=torch.tensor([float(r.above or 0.0) for r in rules], device=device),
+        nowatch=(torch.tensor([r.watch is None for r in rules], device=device)
+                 if any(r.watch is None for r in rules) else None),
+        k=torch.tensor([r.consecutive for r in rules], dtype=torch.long, device=device),
+        after=(torch.tensor([r.after or 0 for r in rules], dtype=torch.long, device=device)
+               if any(r.after for r in rules) else None),
+        ban=ban.to(device),
+        switch=torch.tensor(switch, dtype=torch.long, device=device),
+        stop_cols=tuple(i for i, r in enumerate(rules) if r.action == "stop"),
+        bits=torch.tensor(bits, dtype=torch.long, device=device),
+        # thresholds as the float32 values the tensor paths compare against, so every path fires on the same step
+        host=tuple((col(r.watch) if r.watch else 0, float(torch.tensor(float(r.above or 0.0))), r.watch is None,
+                    r.consecutive, r.after or 0) for r in rules),
+        host_bits=tuple(bits),
+    )
+
+
+def _compile_states(plan: Plan, P: int, G: int, n_state_rules: int, device) -> StateTable:
+    import torch
+
+    G1 = G + 1
+    T = 2 if bool((plan.mode == _MODE_CODE["start"]).any()) else 1
+    M = 2 ** n_state_rules
+    grid = torch.meshgrid(*(torch.arange(n, device=device) for n in (M, P, T, G1)), indexing="ij")
+    m, pol_prev, in_text, gi = (g.reshape(-1) for g in grid)                          # (K,) each
+    latched = (m[:, None] & plan.rules.bits) > 0                                      # (K, R)
+    bias, pending, pol = apply_rules(plan, latched, pol_prev, in_text.bool(), gi - 1)
+    forcing, allowed = decide(plan, bias, pending, pol)
+    slot = torch.where(allowed, torch.where(torch.isfinite(bias), bias, 0.0), float("-inf"))  # (K, S)
+    text = torch.zeros(m.shape[0], 1, device=device).masked_fill(forcing[:, None], float("-inf"))
+    first = (pol_prev == 0) & (in_text == 0) & (gi == 0)
+    states = StateTable(slot=slot, text=text, act=action_codes(allowed, bias), forced=forcing, pol=pol[first],
+                        k_text=G1 if T == 2 else 0, k_pol=T * G1 if P > 1 else 0, k_m=P * T * G1 if M > 1 else 0,
+                        host=None)
+    return dataclasses.replace(states, host=_host_tables(plan, states, device))
+
+
+def _host_tables(plan: Plan, st: StateTable, device) -> HostTables | None:
+    """The one-row CPU path's tables; None when the (states x vocab) table would exceed 64 MB."""
+    import torch
+
+    vt = plan.vocab
+    K, V = st.slot.shape[0], vt.gi.shape[0]
+    if device.type != "cpu" or K * V > 2 ** 24:
+        return None
+    t_all = st.text.expand(K, V).clone()
+    t_all[:, plan.slot_ids] = st.slot
+    return HostTables(all=t_all, gi=vt.gi.tolist(), gi2=vt.gi2.tolist() if vt.gi2 is not None else None,
+                      prev_off=vt.prev_off.tolist() if vt.prev_off is not None else None,
+                      is_text=vt.is_text.tolist(), pol=st.pol.tolist(),
+                      keys=[torch.tensor([k], device=device) for k in range(K)])
 
 
 _SENT_END = re.compile(r"[.!?][\"'”’)\]]*\s+$")
 _PUNCT_END = re.compile(r"[.!?][\"'”’)\]]*$")
-_VOCAB_TABLES: dict[tuple, tuple[Any, dict[str, Any]]] = {}
 
 
-def _vocab_tables(tokenizer, schema: Schema, order, n_doc: int, doc_start_ids: Sequence[int], vocab: int,
-                  device) -> dict[str, Any]:
-    """Per-token tables: which attribute group must follow each token, and the two-token rules.
-
-    Decoding and matching every token takes milliseconds (a few % of a short generation), and ``generate`` builds
-    a processor per call, so the tables are shared by every processor over the same tokenizer and schema.
-    """
+def vocab_tables(tokenizer, schema: Schema, vocab: int, device, *, doc_start_ids: Sequence[int] = ()) -> VocabTables:
+    """Which attribute group must follow each token, and the two-token rules (see the module docstring); cached."""
     import torch
 
-    tag_ids = tuple(tuple(tokenizer.convert_tokens_to_ids(schema.open_token(t)) for t in a.tags.values())
-                    for a in order)
-    key = (id(tokenizer), len(tokenizer), vocab, str(device), schema.segmenter, schema.render, n_doc, tag_ids,
-           tuple(tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens), tuple(doc_start_ids))
-    hit = _VOCAB_TABLES.get(key)
-    if hit is not None and hit[0]() is tokenizer:
-        return hit[1]
+    device = torch.device(device)
+    key = ("vocab", id(tokenizer), len(tokenizer), _layout(schema),
+           tuple(tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens), vocab, str(device),
+           tuple(doc_start_ids))
+    return _cached(tokenizer, key, lambda: _vocab_tables(tokenizer, schema, vocab, device, tuple(doc_start_ids)))
+
+
+def _vocab_tables(tokenizer, schema: Schema, vocab: int, device, doc_start_ids: tuple[int, ...]) -> VocabTables:
+    import torch
+
+    order = _order(schema)
     G = len(order)
-    texts = _token_texts(tokenizer, vocab)
-    is_tag = torch.zeros(vocab, dtype=torch.bool)
-    is_tag[torch.tensor([i for t in schema.tag_tokens for i in [tokenizer.convert_tokens_to_ids(t)]])] = True
-    # group_after[v]: which attribute group must follow token v (-1: none, text may follow)
+    n = min(vocab, len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False) + [""] * (vocab - n)
+    tag_ids = [tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens]
     group_after = torch.full((vocab,), -1, dtype=torch.long)
     seg = schema.segmenter
-    first_seg = n_doc if schema.segment_attributes else -1
+    first_seg = len(schema.document_attributes) if schema.segment_attributes else -1
     if schema.render == "prefix":
         for i, t in enumerate(texts):
-            if seg == "lines" and t.endswith("\n"):
-                group_after[i] = first_seg
-            elif seg == "sentences" and (t.endswith("\n") or _SENT_END.search(t)):
-                group_after[i] = first_seg
-            elif seg == "paragraphs" and t.endswith("\n\n"):
+            if (t.endswith("\n") and seg in ("lines", "sentences")) or (seg == "sentences" and _SENT_END.search(t)) \
+                    or (seg == "paragraphs" and t.endswith("\n\n")):
                 group_after[i] = first_seg
     for i in doc_start_ids:
         group_after[i] = 0 if G else -1
     if schema.render == "prefix":
-        for g, ids in enumerate(tag_ids):
-            for i in ids:
-                group_after[i] = g + 1 if g + 1 < G else -1
+        for g, a in enumerate(order):
+            for t in a.tags.values():
+                group_after[tokenizer.convert_tokens_to_ids(schema.open_token(t))] = g + 1 if g + 1 < G else -1
     # two-token rules: whitespace after sentence punctuation; a newline after a newline (paragraphs)
     ws = torch.tensor([bool(t) and t.isspace() for t in texts])
     if seg == "sentences":
         prev_ok = torch.tensor([bool(_PUNCT_END.search(t)) for t in texts])
     elif seg == "paragraphs":
         prev_ok = torch.tensor([t.endswith("\n") for t in texts])
-        ws = ws & torch.tensor([t.endswith("\n") for t in texts])
+        ws = ws & prev_ok
     else:
         prev_ok = None
-    is_start = torch.zeros(vocab, dtype=torch.bool)
-    is_start[torch.tensor(doc_start_ids, dtype=torch.long)] = True
-    # compiled path: gi = group + 1 (0: none); gi2 = the same after a token that may end a sentence/paragraph
+    is_text = torch.ones(vocab, dtype=torch.bool)
+    is_text[torch.tensor(tag_ids + list(doc_start_ids), dtype=torch.long)] = False
     gi = group_after + 1
     gi2 = prev_off = None
     if prev_ok is not None:
-        gi2 = torch.cat([gi, torch.where((group_after < 0) & ws, first_seg + 1, gi)])
-        prev_off = prev_ok.long() * vocab
-    tables = {"group_after": group_after, "ws": ws, "prev_ok": prev_ok, "first_seg": first_seg,
-              "is_start": is_start, "is_tag": is_tag, "is_text": ~(is_tag | is_start), "gi": gi, "gi2": gi2,
-              "prev_off": prev_off}
-    tables = {k: v.to(device) if hasattr(v, "to") else v for k, v in tables.items()}
-    if len(_VOCAB_TABLES) > 16:
-        _VOCAB_TABLES.clear()
-    _VOCAB_TABLES[key] = (weakref.ref(tokenizer), tables)
-    return tables
+        gi2 = torch.cat([gi, torch.where((group_after < 0) & ws, first_seg + 1, gi)]).to(device)
+        prev_off = (prev_ok.long() * vocab).to(device)
+        prev_ok = prev_ok.to(device)
+    return VocabTables(group_after=group_after.to(device), ws=ws.to(device), prev_ok=prev_ok, first_seg=first_seg,
+                       is_text=is_text.to(device), gi=gi.to(device), gi2=gi2, prev_off=prev_off)
+
+
+# ---- the one decision: given the rules' latches, what a row may write -------------------------------------------
+def apply_rules(plan: Plan, latched, pol, in_text, pending):
+    """The policy rows apply after their latched rules: ``(bias (B, S), pending (B,), policy (B,))``.
+
+    ``latched`` (B, R) are the rules latched so far, ``pol`` (B,) each row's policy before this step's rules,
+    ``in_text`` (B,) whether it wrote text, ``pending`` (B,) the attribute group the last token asks for (-1: none;
+    it stays -1 where the policy forces no tag, before or after a switch). The latest latched switch rule selects
+    the policy; latched ban rules add -inf. The compiled paths run it once over every state (:func:`compile_plan`),
+    the general path per step.
+    """
+    import torch
+
+    pending = _mask_pending(pending, plan.mode[pol], in_text)
+    if not latched.shape[-1]:
+        return plan.bias[pol], pending, pol
+    sw = torch.where(latched & (plan.rules.switch >= 0), plan.rules.switch, -1).amax(-1)
+    switched = sw >= 0
+    pol = torch.where(switched, sw, pol)
+    pending = torch.where(switched, _mask_pending(pending, plan.mode[pol], in_text), pending)
+    banned = (latched.float() @ plan.rules.ban) > 0
+    return plan.bias[pol].masked_fill(banned, float("-inf")), pending, pol
+
+
+def decide(plan: Plan, bias, pending, pol):
+    """Where a tag must come and which tag slots are allowed: ``(forcing (B,), allowed (B, S))``."""
+    import torch
+
+    finite = torch.isfinite(bias)
+    force_ok = plan.force_ok[pol, pending.clamp(min=0)] & finite                     # (B, S)
+    forcing = (pending >= 0) & force_ok.any(-1)                                      # nothing allowed: text may come
+    allowed = torch.where(forcing[:, None], force_ok, plan.free_ok[pol] & finite)
+    return forcing, allowed
+
+
+def _mask_pending(pending, mode, in_text):
+    """No forced group for rows whose policy forces nowhere (``none``) or only at the start and wrote text."""
+    return pending.masked_fill((mode == _MODE_CODE["none"]) | ((mode == _MODE_CODE["start"]) & in_text), -1)
+
+
+def action_codes(allowed, bias):
+    """(B, S) int8: BANNED where not allowed, BIASED where a bias applies, else UNTOUCHED."""
+    import torch
+
+    return torch.where(~allowed, BANNED, torch.where(bias != 0, BIASED, UNTOUCHED)).to(torch.int8)
+
+
+# ---- rule state: the one place rules count and latch -------------------------------------------------------------
+def advance(count, latched, held, k, ready):
+    """The rules' semantics, written once: ``(count, latched, fired)`` after one step.
+
+    ``held``: the rule's condition held at this step (it watches nothing, or its tag's temptation is above its
+    threshold); ``count`` steps in a row it held; ``ready``: the step is at or past the rule's ``after``. A rule fires
+    at the first step where it held ``k`` steps in a row and is ready, then stays fired (latched). Works alike on
+    (B, R) tensors and on one rule's Python scalars (the one-row path, where each tensor op would cost ~3 us).
+    """
+    count = (count + 1) * held                                                       # consecutive steps, 0 when not
+    now = latched | ((count >= k) & ready)
+    return count, now, now ^ latched                                                 # fires once, then latches
+
+
+class RuleState:
+    """Per row and rule: for how many consecutive steps the rule's condition has held, and whether it has fired.
+
+    Every path of :class:`TagProcessor` steps this object, and it steps by :func:`advance`: on (B, R) tensors, or,
+    for one row on the host (``host=True``), on Python scalars. The rules themselves are never written.
+    """
+
+    def __init__(self, rules: RuleTable, batch: int, device, *, host: bool = False):
+        import torch
+
+        self.rules, self.host = rules, host
+        R = rules.k.shape[0]
+        if host:
+            self.count, self.latched = [0] * R, [False] * R
+            self._fired: dict[tuple[bool, ...], Any] = {}  # one (1, R) tensor per pattern, made once
+            self._bool = (torch.zeros(1, dtype=torch.bool, device=device), torch.ones(1, dtype=torch.bool, device=device))
+        else:
+            self.count = torch.zeros(batch, R, dtype=torch.long, device=device)
+            self.latched = torch.zeros(batch, R, dtype=torch.bool, device=device)
+
+    def step(self, temptation, step: int):
+        """Advance by one step given the (B, S) temptation; return the (B, R) rules that fired at it."""
+        r = self.rules
+        if self.host:
+            t = temptation[0].tolist()
+            fired = []
+            for j, (w, above, nowatch, k, after) in enumerate(r.host):
+                self.count[j], self.latched[j], f = advance(self.count[j], self.latched[j],
+                                                            nowatch or t[w] > above, k, step >= after)
+                fired.append(f)
+            key = tuple(fired)
+            if key not in self._fired:
+                self._fired[key] = self._bool[0].new_tensor([key])
+            return self._fired[key]
+        held = temptation.index_select(1, r.watch) > r.above                         # (B, R)
+        if r.nowatch is not None:
+            held = held | r.nowatch
+        self.count, self.latched, fired = advance(self.count, self.latched, held, r.k,
+                                                  True if r.after is None else r.after <= step)
+        return fired
+
+    def stopped(self):
+        """(B,) bool: a ``stop`` rule has fired; None without stop rules. Never a tensor it writes to later."""
+        cols = self.rules.stop_cols
+        if not cols:
+            return None
+        if self.host:
+            return self._bool[any(self.latched[j] for j in cols)]
+        if len(cols) == 1:
+            return self.latched[:, cols[0]]  # a view of a tensor that advance replaces, never writes
+        return self.latched[:, list(cols)].any(-1)
+
+    def mask(self):
+        """The bitmask of latched ban/switch rules (the ``m`` of a state key): (B,) long, or an int on the host."""
+        if self.host:
+            return sum(b for b, on in zip(self.rules.host_bits, self.latched) if on)
+        return (self.latched * self.rules.bits).sum(-1)
+
+    def reorder(self, rows) -> None:
+        """Follow beam search: row i takes the state of row ``rows[i]``."""
+        self.count, self.latched = self.count[rows], self.latched[rows]
 
 
 @dataclass
@@ -200,6 +545,7 @@ class StepInfo:
             self._proc.callback_alarms.append((self.step, int(r), message))
 
 
+
 class TagProcessor(LogitsProcessor):
     """HF ``LogitsProcessor``: measure every tag's probability, then apply the policy (and rules).
 
@@ -207,16 +553,15 @@ class TagProcessor(LogitsProcessor):
     ``generate`` call (or call :meth:`reset`). ``num_beams > 1`` makes it follow beams: per-row state (rule counters,
     switched policies, stops) is re-ordered to each row's parent beam, found by matching prefixes.
 
-    Two paths compute the same thing. The *compiled* path (no callback, no beams) enumerates every state a row can be
-    in — which attribute group must follow the last token, whether the row has written text, which ban/switch rules
-    have latched — and precomputes each state's action once (:meth:`_compile_states`), so a step is a table lookup
-    plus one add over the vocabulary: about 20 small ops. With one row on the CPU (an interactive session, the
-    server) the same tables run as Python scalars (:meth:`_call_host`): a softmax, one add and list lookups. The
-    *general* path evaluates the policy per step, which a
-    Python callback (free to change any row's bias) and beam re-ordering need. Both share :meth:`_decide`.
+    A step measures the temptation, advances the rules (:class:`RuleState`), looks up the action in the
+    :class:`Plan` and records. The plan holds every state a row can be in — which attribute group must follow the
+    last token, whether the row has written text, which ban/switch rules have latched — with its action precomputed
+    by :func:`decide`, so a step is a table lookup plus one add over the vocabulary (the *compiled* path). With one
+    row on the CPU (an interactive session, the server) the lookup runs on Python scalars (:meth:`_call_host`).
+    A Python callback (free to change any row's bias) and beam re-ordering need the *general* path, which runs
+    :func:`apply_rules` and :func:`decide` per step. ``tests/test_control_oracle.py`` checks all three against a
+    direct, slow reference written independently of this module.
     """
-
-    _h_ok = False  # the scalar path's tables exist (set by _compile_host)
 
     def __init__(self, tokenizer, schema: Schema, policy: TagPolicy | str | None = None, *,
                  repetition_penalty: float = 1.0, num_beams: int = 1,
@@ -242,25 +587,12 @@ class TagProcessor(LogitsProcessor):
         if missing:
             raise ValueError(f"the tokenizer lacks the schema's tag tokens {missing}; was the model trained with "
                              f"schema {schema.name!r}?")
-        self.slot_tag = [t for t in schema.tag_names for _ in range(2 if schema.render == "span" else 1)]
-        self.slot_close = [schema.render == "span" and i % 2 == 1 for i in range(len(self.slots))]
-        # forcing order: document attributes first (generation start only), then segment attributes
-        self.order = schema.document_attributes + schema.segment_attributes
-        self.n_doc = len(schema.document_attributes)
-        # compile the main policy and every switch target; which policy each rule switches to is this processor's
-        # state (index into self.policies, -1: not a switch), never written onto the shared, frozen Rule
-        self.policies: list[TagPolicy] = [self.policy]
-        self._switch_to: list[int] = []
-        for r in self.policy.rules:
-            if r.action == "switch":
-                t = r.policy if isinstance(r.policy, TagPolicy) else load_policy(r.policy, schema)
-                self._switch_to.append(len(self.policies))
-                self.policies.append(t)
-            else:
-                self._switch_to.append(-1)
+        # the main policy and every switch target; which one a row applies is this processor's state, never the rule's
+        self.policies: list[TagPolicy] = switch_targets(self.policy, schema)
+        self.plan: Plan | None = None
+        self._plan_for: tuple | None = None  # (vocab size, device) the plan was compiled for
         self._torch = torch
         self._general = callback is not None or self.num_beams > 1
-        self._tables_for: tuple | None = None
         self.reset()
 
     # -- public helpers --
@@ -277,8 +609,9 @@ class TagProcessor(LogitsProcessor):
         self.fired: list[Any] = []         # per step (B, R) bool: rule fired at this step
         self.callback_alarms: list[tuple[int, int, str]] = []
         self.stop = None
+        self._host = False                 # one row on the CPU: the scalar twin of the compiled path
         self._prev_ids = None
-        self._keys: list[Any] = []         # compiled path: per step (B,) state key; actions/forced derive from it
+        self._keys: list[Any] = []         # compiled paths: per step (B,) state key; actions/forced derive from it
         self._acts: list[Any] = []         # per step (B, S) int8
         self._forced: list[Any] = []       # per step (B,) bool
 
@@ -295,193 +628,155 @@ class TagProcessor(LogitsProcessor):
         return self._forced
 
     def _materialize(self) -> None:
-        # the compiled path records one state key per step; the codes are looked up only when someone reads them
+        # the compiled paths record one state key per step; the codes are looked up only when someone reads them
         for key in self._keys[len(self._acts):]:
-            self._acts.append(self._t_act[key])
-            self._forced.append(self._t_forced[key])
+            self._acts.append(self.plan.states.act[key])
+            self._forced.append(self.plan.states.forced[key])
 
-    # -- compiled tensors --
-    def _build_tables(self, vocab: int, device) -> None:
-        """Compile the vocabulary, the policies and the rules into tensors; shared by every processor with the
-        same tokenizer, schema and policies (``generate`` makes one per call; compiling takes ~0.5 ms)."""
-        vt = _vocab_tables(self.tokenizer, self.schema, self.order, self.n_doc, self.doc_start_ids, vocab, device)
-        key = (id(vt), repr(self.policies), self._general)
-        hit = _POLICY_TABLES.get(key)
-        if hit is None or hit[0] is not vt:
-            self._compile(vt, device)
-            hit = (vt, {k: self.__dict__[k] for k in _COMPILED if k in self.__dict__})
-            if len(_POLICY_TABLES) > 32:
-                _POLICY_TABLES.clear()
-            _POLICY_TABLES[key] = hit
-        self.__dict__.update(hit[1])
-        self._after_masks: dict[tuple[bool, ...], Any] = {}
-        self._tables_for = (vocab, device)
+    # -- the call --
+    def __call__(self, input_ids, scores):
+        B, V = scores.shape
+        if self._plan_for != (V, scores.device):
+            self._plan_for = (V, scores.device)
+            self.plan = compile_plan(self.tokenizer, self.schema, self.policies, V, scores.device,
+                                     doc_start_ids=self.doc_start_ids, states=not self._general)
+            self._general = self.plan.states is None  # more ban/switch rules than the states can enumerate
+        if self.start_len is None:
+            self.start_len = input_ids.shape[1]
+            self._start(B, scores.device)
+        step = input_ids.shape[1] - self.start_len
+        if self._general:
+            return self._call_general(input_ids, scores, step)
+        if self._host:
+            return self._call_host(input_ids, scores, step)
+        return self._call_compiled(input_ids, scores, step)
 
-    def _compile(self, vt: dict[str, Any], device) -> None:
-        torch = self._torch
-        S, G = len(self.slots), len(self.order)
-        self._group_after, self._ws, self._prev_ok = vt["group_after"], vt["ws"], vt["prev_ok"]
-        self._first_seg, self._is_start, self._is_tag = vt["first_seg"], vt["is_start"], vt["is_tag"]
-        self._is_text, self._gi, self._gi2, self._prev_off = vt["is_text"], vt["gi"], vt["gi2"], vt["prev_off"]
-        self._slot_ids = torch.tensor(self.slot_ids, device=device)
-        # per policy: bias (-inf = banned), tags allowed when forcing group g, tags allowed elsewhere
-        P = len(self.policies)
-        bias = torch.zeros(P, S)
-        force_ok = torch.zeros(P, max(G, 1), S, dtype=torch.bool)
-        free_ok = torch.zeros(P, S, dtype=torch.bool)
-        mode = torch.zeros(P, dtype=torch.long)
-        for p, pol in enumerate(self.policies):
-            fa = pol.resolved_force_at(self.schema)
-            mode[p] = _MODE_CODE[fa]
-            forced_attrs = {self.schema.attribute_of_tag(t)[0].name for t in pol.force}
-            for s, tag in enumerate(self.slot_tag):
-                attr = self.schema.attribute_of_tag(tag)[0]
-                banned = tag in pol.ban or (attr.name in forced_attrs and tag not in pol.force)
-                bias[p, s] = float("-inf") if banned else float(pol.bias.get(tag, 0.0))
-                if banned or self.slot_close[s]:
-                    continue
-                if self.schema.render == "prefix":
-                    g = next(i for i, a in enumerate(self.order) if a.name == attr.name)
-                    force_ok[p, g, s] = True
-                # tags outside forced positions: only without segment forcing; span tags never mid-text
-                free_ok[p, s] = fa == "none" or (fa == "start" and self.schema.render == "prefix")
-            if self.schema.render == "span" and fa == "none":
-                free_ok[p] = torch.isfinite(bias[p]) & ~torch.tensor(self.slot_close)
-        self._bias, self._force_ok = bias.to(device), force_ok.to(device)
-        self._free_ok, self._mode = free_ok.to(device), mode.to(device)
-        # rules
-        rules = self.policy.rules
-        R = len(rules)
-        self._r_watch = torch.tensor([self.slot_of_tag(r.watch) if r.watch else 0 for r in rules],
-                                     dtype=torch.long, device=device)
-        self._r_has_watch = torch.tensor([r.watch is not None for r in rules], device=device)
-        self._r_above = torch.tensor([float(r.above or 0.0) for r in rules], device=device)
-        self._r_k = torch.tensor([r.consecutive for r in rules], device=device)
-        self._r_after = torch.tensor([r.after or 0 for r in rules], device=device)
-        ban_m = torch.zeros(R, S)
-        for i, r in enumerate(rules):
-            if r.action == "ban":
-                for t in r.tags:
-                    ban_m[i, self.slot_of_tag(t)] = 1.0
-                    if self.schema.render == "span":
-                        ban_m[i, self.slot_of_tag(t) + 1] = 1.0
-        self._r_ban = ban_m.to(device)
-        self._r_stop = torch.tensor([r.action == "stop" for r in rules], device=device)
-        self._r_switch = torch.tensor(self._switch_to, dtype=torch.long, device=device)
-        # what the compiled path needs per step, decided here once
-        self._r_nowatch = ~self._r_has_watch if not all(r.watch is not None for r in rules) else None
-        self._r_afters = [r.after or 0 for r in rules] if any(r.after for r in rules) else None
-        stop_cols = [i for i, r in enumerate(rules) if r.action == "stop"]
-        self._r_stop_cols = torch.tensor(stop_cols, device=device) if stop_cols else None
-        self._r_stop_col = stop_cols[0] if len(stop_cols) == 1 else None
-        if not self._general:
-            self._compile_states(device)
-
-    def _compile_states(self, device) -> None:
-        """Precompute the action of every per-row state; the step then looks it up by a key.
-
-        key = ((m * P + pol_prev) * T + in_text) * (G + 1) + (pending + 1), where ``pending`` is the attribute group
-        that must follow the last token (-1: none), ``in_text`` whether the row has written text (only when some
-        policy forces at the start), ``pol_prev`` the row's policy before this step's rules (only with switch rules)
-        and ``m`` the bitmask of latched ban/switch rules. The tables come from running the general path's own
-        decision (:meth:`_decide`) over all states at once, so the two paths agree by construction.
-        """
-        torch = self._torch
-        rules = self.policy.rules
-        R = len(rules)
-        state_rules = [i for i, r in enumerate(rules) if r.action in ("ban", "switch")]
-        if len(state_rules) > MAX_STATE_RULES:  # 2^n states: evaluate per step instead
-            self._general = True
-            return
-        P, G1 = len(self.policies), len(self.order) + 1
-        T = 2 if any(int(m) == _MODE_CODE["start"] for m in self._mode) else 1
-        M = 2 ** len(state_rules)
-        grid = torch.meshgrid(*(torch.arange(n, device=device) for n in (M, P, T, G1)), indexing="ij")
-        m, pol_prev, in_text, gi = (g.reshape(-1) for g in grid)                      # (K,) each
-        latched = torch.zeros(m.shape[0], R, dtype=torch.bool, device=device)
-        for j, r in enumerate(state_rules):
-            latched[:, r] = (m >> j) & 1 == 1
-        bias, pending, pol = self._after_rules(latched, pol_prev, in_text.bool(), gi - 1)
-        forcing, allowed = self._decide(bias, pending, pol)
-        finite = torch.isfinite(bias)
-        self._t_slot = torch.where(allowed, torch.where(finite, bias, 0.0), float("-inf"))   # (K, S)
-        self._t_text = torch.zeros(m.shape[0], 1, device=device).masked_fill(forcing[:, None], float("-inf"))
-        self._t_act = _action_codes(allowed, bias)
-        self._t_forced = forcing
-        # the policy after the rules as a function of m alone (a row's policy changes only by a switch)
-        first = (pol_prev == 0) & (in_text == 0) & (gi == 0)
-        self._t_pol = pol[first]                                                      # (M,)
-        self._r_bits = torch.zeros(R, dtype=torch.long, device=device)
-        for j, r in enumerate(state_rules):
-            self._r_bits[r] = 2 ** j
-        self._k_text = G1 if T == 2 else 0
-        self._k_pol = T * G1 if P > 1 else 0
-        self._k_m = P * T * G1 if M > 1 else 0
-        self._compile_host(device)
-
-    def _compile_host(self, device) -> None:
-        """The scalar path's tables (one row on the CPU): the same state tables as Python lists, and each state's
-        whole action as one (V,) row of ``_t_all`` (0 / -inf on text, the tag columns' bias / -inf), so a step is
-        a softmax, one add and a few list lookups. Skipped when the (states x vocab) table would exceed 64 MB."""
-        torch = self._torch
-        K, V = self._t_slot.shape[0], self._gi.shape[0]
-        self._h_ok = device.type == "cpu" and K * V <= 2 ** 24
-        if not self._h_ok:
-            return
-        t_all = self._t_text.expand(K, V).clone()
-        t_all[:, self._slot_ids] = self._t_slot
-        self._t_all = t_all
-        self._h_gi = self._gi.tolist()
-        self._h_gi2 = self._gi2.tolist() if self._gi2 is not None else None
-        self._h_prev_off = self._prev_off.tolist() if self._prev_off is not None else None
-        self._h_is_text = self._is_text.tolist()
-        self._h_keys = [torch.tensor([k], device=device) for k in range(K)]
-        rules = self.policy.rules
-        # thresholds as the float32 values the tensor paths compare against, so every path fires on the same step
-        self._h_rules = [(r.watch is not None, w, above, k, r.after or 0, bit)
-                         for r, w, above, k, bit in zip(rules, self._r_watch.tolist(), self._r_above.tolist(),
-                                                        self._r_k.tolist(), self._r_bits.tolist())]
-        self._h_stop_cols = [i for i, r in enumerate(rules) if r.action == "stop"]
-        self._h_t_pol = self._t_pol.tolist()
-        self._h_bool = (torch.zeros(1, dtype=torch.bool, device=device), torch.ones(1, dtype=torch.bool, device=device))
-
-    def _after_rules(self, latched, pol, in_text, pending):
-        """The general path's step 3, given the latched rules: (bias (B, S), pending (B,), policy (B,))."""
-        torch = self._torch
-        pending = _mask_pending(pending, self._mode[pol], in_text)
-        if not self.policy.rules:
-            return self._bias[pol], pending, pol
-        sw = torch.where(latched & (self._r_switch >= 0), self._r_switch, -1).amax(-1)
-        switched = sw >= 0
-        pol = torch.where(switched, sw, pol)
-        pending = torch.where(switched, _mask_pending(pending, self._mode[pol], in_text), pending)
-        banned = (latched.float() @ self._r_ban) > 0
-        return self._bias[pol].masked_fill(banned, float("-inf")), pending, pol
-
-    def _decide(self, bias, pending, pol):
-        """Where a tag must come and which tag slots are allowed: (forcing (B,), allowed (B, S))."""
-        torch = self._torch
-        finite = torch.isfinite(bias)
-        forcing = pending >= 0
-        force_ok = self._force_ok[pol, pending.clamp(min=0)] & finite              # (B, S)
-        forcing = forcing & force_ok.any(-1)                                        # nothing allowed: let text come
-        allowed = torch.where(forcing[:, None], force_ok, self._free_ok[pol] & finite)
-        return forcing, allowed
-
-    def _init_state(self, B: int, device) -> None:
-        torch = self._torch
-        R = len(self.policy.rules)
-        self.stop = torch.zeros(B, dtype=torch.bool, device=device)
+    def _start(self, B: int, device) -> None:
+        """Per-row state at the first step: policy 0, no text yet, no rule counted or latched, not stopped."""
+        torch, st = self._torch, self.plan.states
+        self._host = (B == 1 and not self._general and self.repetition_penalty == 1.0 and st is not None
+                      and st.host is not None)
+        self._rules = RuleState(self.plan.rules, B, device, host=self._host)
         self._pol = torch.zeros(B, dtype=torch.long, device=device)
         self._in_text = torch.zeros(B, dtype=torch.bool, device=device)
-        self._count = torch.zeros(B, R, dtype=torch.long, device=device)
-        self._latched = torch.zeros(B, R, dtype=torch.bool, device=device)
-        self._host = B == 1 and not self._general and self.repetition_penalty == 1.0 and self._h_ok
-        if self._host:
-            self._h_in_text, self._h_pol = False, 0
-            self._h_count, self._h_latched = [0] * R, [False] * R
-            self._h_fired: dict[int, Any] = {}
-            self.stop = self._h_bool[0]
+        self.stop = torch.zeros(B, dtype=torch.bool, device=device)
+        self._host_state = [False, 0]  # the one row's in_text and policy, as Python scalars
+
+    def _call_compiled(self, input_ids, scores, step: int):
+        """The compiled path: the state key, one lookup, one add over the vocabulary, then the tag columns."""
+        torch, plan = self._torch, self.plan
+        vt, st = plan.vocab, plan.states
+
+        # 1. measure: the temptation of every tag slot under the model, before anything changes the logits
+        tag_logits = scores.index_select(1, plan.slot_ids)                       # (B, S)
+        out = torch.empty_like(scores)                                           # the result; scratch until 3.
+        temptation = _tag_probs(scores, tag_logits, plan.slot_ids, out)          # (B, S)
+
+        # 2. look up: which group the last token(s) ask for, whether the row has written text, the latched rules
+        last = input_ids[:, -1]
+        if vt.gi2 is not None and input_ids.shape[1] > 1:  # two-token rules (sentences, paragraphs)
+            key = vt.gi2.index_select(0, last + vt.prev_off.index_select(0, input_ids[:, -2]))  # (B,)
+        else:
+            key = vt.gi.index_select(0, last)
+        if st.k_text:
+            self._in_text = self._in_text | vt.is_text.index_select(0, last)
+            key = key.add(self._in_text, alpha=st.k_text)
+        if self.policy.rules:
+            self.fired.append(self._rules.step(temptation, step))
+            self.stop = self._rules.stopped() if plan.rules.stop_cols else self.stop
+            if st.k_m:
+                m = self._rules.mask()
+                if st.k_pol:
+                    key = key.add(self._pol, alpha=st.k_pol)
+                key = key.add(m, alpha=st.k_m)
+                self._pol = st.pol.index_select(0, m)
+
+        # 3. act: one add over the vocabulary (-inf on text where a tag must come), then the tag columns
+        src = self._penalise(input_ids, scores) if self.repetition_penalty != 1.0 else scores
+        torch.add(src, st.text.index_select(0, key), out=out)                    # (B, V)
+        out.index_copy_(1, plan.slot_ids, tag_logits + st.slot.index_select(0, key))  # -inf: not allowed
+
+        # 4. record, O(B x S) per step
+        self.temptations.append(temptation)
+        self._keys.append(key)
+        self.steps += 1
+        return out
+
+    def _call_host(self, input_ids, scores, step: int):
+        """The compiled path for one row on the CPU, its key computed from Python scalars: reading two ids to the
+        host is free there, and each tensor op saved is ~3 us of a ~2 ms step."""
+        torch, st = self._torch, self.plan.states
+        h, row = st.host, self._host_state
+        temptation = torch.softmax(scores, -1).index_select(1, self.plan.slot_ids)  # (1, S), as _tag_probs at B < 8
+        last2 = input_ids[0, -2:].tolist()
+        last = last2[-1]
+        key = h.gi2[last + h.prev_off[last2[0]]] if h.gi2 is not None and len(last2) == 2 else h.gi[last]
+        if st.k_text:
+            row[0] = row[0] or h.is_text[last]
+            key += st.k_text * row[0]
+        if self.policy.rules:
+            self.fired.append(self._rules.step(temptation, step))
+            self.stop = self._rules.stopped() if self.plan.rules.stop_cols else self.stop
+            if st.k_m:
+                m = self._rules.mask()
+                key += row[1] * st.k_pol + m * st.k_m
+                row[1] = h.pol[m]
+        out = torch.add(scores, h.all[key])                                      # one add: text and tag columns
+        self.temptations.append(temptation)
+        self._keys.append(h.keys[key])
+        self.steps += 1
+        return out
+
+    def _call_general(self, input_ids, scores, step: int):
+        """The policy evaluated per step: needed by callbacks (any row's bias may change) and beams."""
+        torch, plan = self._torch, self.plan
+        if self.num_beams > 1 and self._prev_ids is not None and step > 0:
+            self._follow_beams(input_ids)
+        if self.num_beams > 1:
+            self._prev_ids = input_ids
+
+        # 1. measure
+        tag_logits = scores.index_select(1, plan.slot_ids)                       # (B, S)
+        out = torch.empty_like(scores)
+        temptation = _tag_probs(scores, tag_logits, plan.slot_ids, out)          # (B, S)
+
+        # 2. decide: the group the last token(s) ask for, the rules, then the row's policy
+        vt, last = plan.vocab, input_ids[:, -1]
+        pending = vt.group_after[last]                                           # (B,)
+        if vt.prev_ok is not None and input_ids.shape[1] > 1:
+            two = (pending < 0) & vt.ws[last] & vt.prev_ok[input_ids[:, -2]]
+            pending = torch.where(two, torch.full_like(pending, vt.first_seg), pending)
+        self._in_text = self._in_text | vt.is_text[last]
+        if self.policy.rules:
+            self.fired.append(self._rules.step(temptation, step))
+            stopped = self._rules.stopped()
+            if stopped is not None:
+                self.stop = self.stop | stopped
+        bias, pending, self._pol = apply_rules(plan, self._rules.latched, self._pol, self._in_text, pending)
+        if self.callback is not None:
+            self._extra_bias = torch.zeros_like(bias)
+            self.callback(StepInfo(step, input_ids, temptation, self.slots, self))
+            bias = bias + self._extra_bias
+        forcing, allowed = decide(plan, bias, pending, self._pol)
+
+        # 3. act: allowed tag slots per row, text banned where a tag must come
+        new_tags = torch.where(allowed, tag_logits + torch.where(torch.isfinite(bias), bias, 0.0),
+                               torch.full_like(tag_logits, float("-inf")))
+        src = self._penalise(input_ids, scores) if self.repetition_penalty != 1.0 else scores
+        torch.add(src, torch.zeros_like(tag_logits[:, :1]).masked_fill_(forcing[:, None], float("-inf")), out=out)
+        if self.num_beams > 1 and self.eos_id is not None:  # beam search ignores AlarmStop: a stopped beam ends
+            out = out.masked_fill(self.stop[:, None], float("-inf"))
+            out[:, self.eos_id] = torch.where(self.stop, 0.0, out[:, self.eos_id])
+            allowed = allowed & ~self.stop[:, None]
+            new_tags = new_tags.masked_fill(self.stop[:, None], float("-inf"))
+        out[:, plan.slot_ids] = new_tags
+
+        # 4. record
+        self.temptations.append(temptation)
+        self._acts.append(action_codes(allowed, bias))
+        self._forced.append(forcing)
+        self.steps += 1
+        return out
 
     def _follow_beams(self, input_ids) -> None:
         """Re-order per-row state to each row's parent: the previous row whose ids equal this row's prefix."""
@@ -493,127 +788,8 @@ class TagProcessor(LogitsProcessor):
         eq = (new[:, :, None, :] == old[:, None, :, :]).all(-1)  # (B, K, K)
         parent = eq.float().argmax(-1) + torch.arange(B, device=eq.device)[:, None] * K  # (B, K)
         parent = parent.reshape(-1)
-        for name in ("stop", "_pol", "_in_text", "_count", "_latched"):
-            setattr(self, name, getattr(self, name)[parent])
-
-    # -- the call --
-    def __call__(self, input_ids, scores):
-        torch = self._torch
-        B, V = scores.shape
-        if self._tables_for != (V, scores.device):
-            self._build_tables(V, scores.device)
-        if self.start_len is None:
-            self.start_len = input_ids.shape[1]
-            self._init_state(B, scores.device)
-        if self._general:
-            return self._call_general(input_ids, scores)
-        if self._host:
-            return self._call_host(input_ids, scores)
-        step = input_ids.shape[1] - self.start_len
-
-        # 1. measure: the temptation of every tag slot under the model, before anything changes the logits
-        tag_logits = scores.index_select(1, self._slot_ids)                      # (B, S)
-        out = torch.empty_like(scores)                                           # the result; scratch until 4.
-        temptation = _tag_probs(scores, tag_logits, self._slot_ids, out)         # (B, S)
-
-        # 2. the row's state: which group must follow the last token(s), whether it has written text
-        last = input_ids[:, -1]
-        if self._gi2 is not None and input_ids.shape[1] > 1:  # two-token rules (sentences, paragraphs)
-            key = self._gi2.index_select(0, last + self._prev_off.index_select(0, input_ids[:, -2]))  # (B,)
-        else:
-            key = self._gi.index_select(0, last)
-        if self._k_text:
-            self._in_text = self._in_text | self._is_text.index_select(0, last)
-            key = key.add(self._in_text, alpha=self._k_text)
-
-        # 3. rules: counters and latches; the latched ban/switch rules select the state
-        if self.policy.rules:
-            key = self._step_rules(temptation, step, key)
-
-        # 4. act: one add over the vocabulary (-inf on text where a tag must come), then the tag columns
-        src = self._penalise(input_ids, scores) if self.repetition_penalty != 1.0 else scores
-        torch.add(src, self._t_text.index_select(0, key), out=out)               # (B, V)
-        out.index_copy_(1, self._slot_ids, tag_logits + self._t_slot.index_select(0, key))  # -inf: not allowed
-
-        # 5. record, O(B x S) per step
-        self.temptations.append(temptation)
-        self._keys.append(key)
-        self.steps += 1
-        return out
-
-    def _call_host(self, input_ids, scores):
-        """The compiled path for one row on the CPU, with the state kept in Python scalars: reading two ids and
-        the tag probabilities to the host is free there, and each tensor op saved is ~3 us of a ~2 ms step."""
-        torch = self._torch
-        temptation = torch.softmax(scores, -1).index_select(1, self._slot_ids)   # (1, S), as _tag_probs at B < 8
-        last2 = input_ids[0, -2:].tolist()
-        last = last2[-1]
-        if self._h_gi2 is not None and len(last2) == 2:
-            key = self._h_gi2[last + self._h_prev_off[last2[0]]]
-        else:
-            key = self._h_gi[last]
-        if self._k_text:
-            self._h_in_text = self._h_in_text or self._h_is_text[last]
-            key += self._k_text * self._h_in_text
-        if self._h_rules:
-            key = self._host_rules(temptation, input_ids.shape[1] - self.start_len, key)
-        out = torch.add(scores, self._t_all[key])                                # one add: text and tag columns
-        self.temptations.append(temptation)
-        self._keys.append(self._h_keys[key])
-        self.steps += 1
-        return out
-
-    def _host_rules(self, temptation, step: int, key: int) -> int:
-        t = temptation[0].tolist()
-        count, latched = self._h_count, self._h_latched
-        fired = m = 0
-        for j, (watch, w, above, k, after, bit) in enumerate(self._h_rules):
-            count[j] = count[j] + 1 if (not watch or t[w] > above) else 0
-            if not latched[j] and count[j] >= k and step >= after:
-                latched[j] = True
-                fired |= 1 << j
-            if latched[j]:
-                m += bit
-        if fired not in self._h_fired:
-            self._h_fired[fired] = self._torch.tensor([[bool(fired >> j & 1) for j in range(len(count))]],
-                                                      device=temptation.device)
-        self.fired.append(self._h_fired[fired])
-        if self._h_stop_cols:
-            self.stop = self._h_bool[any(latched[j] for j in self._h_stop_cols)]
-        if self._k_m:
-            key += self._h_pol * self._k_pol + m * self._k_m
-            self._h_pol = self._h_t_pol[m]
-        return key
-
-    def _step_rules(self, temptation, step: int, key):
-        watched = temptation.index_select(1, self._r_watch)                     # (B, R)
-        cond = watched > self._r_above
-        if self._r_nowatch is not None:
-            cond = cond | self._r_nowatch
-        self._count = self._count.add(1).mul_(cond)                             # consecutive steps, 0 when not
-        ready = self._count >= self._r_k
-        if self._r_afters is not None:
-            ready = ready & self._after_mask(step)
-        latched = self._latched | ready
-        self.fired.append(latched ^ self._latched)                               # fires once, then latches
-        self._latched = latched
-        if self._r_stop_cols is not None:
-            self.stop = (latched[:, self._r_stop_col] if self._r_stop_col is not None   # one stop rule: a view
-                         else latched.index_select(1, self._r_stop_cols).any(-1))
-        if self._k_m:
-            m = (latched * self._r_bits).sum(-1)                                 # latched ban/switch rules
-            if self._k_pol:
-                key = key.add(self._pol, alpha=self._k_pol)
-            key = key.add(m, alpha=self._k_m)
-            self._pol = self._t_pol.index_select(0, m)
-        return key
-
-    def _after_mask(self, step: int):
-        """(R,) bool: ``step >= after`` per rule; one small tensor per distinct pattern, made on the host."""
-        k = tuple(step >= a for a in self._r_afters)
-        if k not in self._after_masks:
-            self._after_masks[k] = self._torch.tensor(k, device=self._r_k.device)
-        return self._after_masks[k]
+        self.stop, self._pol, self._in_text = self.stop[parent], self._pol[parent], self._in_text[parent]
+        self._rules.reorder(parent)
 
     def _penalise(self, input_ids, scores):
         """HF's repetition-penalty formula; tag columns are rewritten afterwards, so they are never penalised."""
@@ -621,64 +797,6 @@ class TagProcessor(LogitsProcessor):
         seen = torch.gather(scores, 1, input_ids)
         seen = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
         return scores.scatter(1, input_ids, seen)
-
-    def _call_general(self, input_ids, scores):
-        """The policy evaluated per step: needed by callbacks (any row's bias may change) and beam search."""
-        torch = self._torch
-        step = input_ids.shape[1] - self.start_len
-        if self.num_beams > 1 and self._prev_ids is not None and step > 0:
-            self._follow_beams(input_ids)
-        if self.num_beams > 1:
-            self._prev_ids = input_ids
-
-        # 1. measure
-        tag_logits = scores.index_select(1, self._slot_ids)                      # (B, S)
-        out = torch.empty_like(scores)
-        temptation = _tag_probs(scores, tag_logits, self._slot_ids, out)         # (B, S)
-
-        # 2. where must a tag come? (stateless from the last tokens, plus the row's policy mode)
-        last = input_ids[:, -1]
-        pending = self._group_after[last]                                       # (B,)
-        if self._prev_ok is not None and input_ids.shape[1] > 1:
-            two = (pending < 0) & self._ws[last] & self._prev_ok[input_ids[:, -2]]
-            pending = torch.where(two, torch.full_like(pending, self._first_seg), pending)
-        self._in_text |= self._is_text[last]
-
-        # 3. rules: consecutive-temptation counters, latches, bans, switches, stops
-        if self.policy.rules:
-            watched = temptation[:, self._r_watch]                              # (B, R)
-            cond = ~self._r_has_watch | (watched > self._r_above)
-            self._count = torch.where(cond, self._count + 1, torch.zeros_like(self._count))
-            fire = (self._count >= self._r_k) & (step >= self._r_after) & ~self._latched
-            self._latched |= fire
-            self.fired.append(fire)
-            self.stop |= (self._latched & self._r_stop).any(-1)
-        bias, pending, self._pol = self._after_rules(self._latched, self._pol, self._in_text, pending)
-        if self.callback is not None:
-            self._extra_bias = torch.zeros_like(bias)
-            self.callback(StepInfo(step, input_ids, temptation, self.slots, self))
-            bias = bias + self._extra_bias
-
-        # 4. act: allowed tag slots per row, text banned where a tag must come
-        forcing, allowed = self._decide(bias, pending, self._pol)
-        finite = torch.isfinite(bias)
-        new_tags = torch.where(allowed, tag_logits + torch.where(finite, bias, 0.0),
-                               torch.full_like(tag_logits, float("-inf")))
-        src = self._penalise(input_ids, scores) if self.repetition_penalty != 1.0 else scores
-        torch.add(src, torch.zeros_like(tag_logits[:, :1]).masked_fill_(forcing[:, None], float("-inf")), out=out)
-        if self.num_beams > 1 and self.eos_id is not None:  # beam search ignores AlarmStop: a stopped beam ends
-            out = out.masked_fill(self.stop[:, None], float("-inf"))
-            out[:, self.eos_id] = torch.where(self.stop, 0.0, out[:, self.eos_id])
-            allowed = allowed & ~self.stop[:, None]
-            new_tags = new_tags.masked_fill(self.stop[:, None], float("-inf"))
-        out[:, self._slot_ids] = new_tags
-
-        # 5. record
-        self.temptations.append(temptation)
-        self._acts.append(_action_codes(allowed, bias))
-        self._forced.append(forcing)
-        self.steps += 1
-        return out
 
     # -- results --
     def records(self) -> dict[str, Any]:
@@ -689,7 +807,7 @@ class TagProcessor(LogitsProcessor):
             return {"temptation": None, "action": None, "forced": None, "fired": None}
         if self._keys:
             keys = torch.stack(self._keys, 1)                                    # (B, steps)
-            action, forced = self._t_act[keys], self._t_forced[keys]
+            action, forced = self.plan.states.act[keys], self.plan.states.forced[keys]
         else:
             action, forced = torch.stack(self._acts, 1), torch.stack(self._forced, 1)
         return {
@@ -700,30 +818,9 @@ class TagProcessor(LogitsProcessor):
         }
 
 
-# what _compile sets: shared between processors through _POLICY_TABLES (read-only once built)
-_COMPILED = ("_group_after", "_ws", "_prev_ok", "_first_seg", "_is_start", "_is_tag", "_is_text", "_gi", "_gi2",
-             "_prev_off", "_slot_ids", "_bias", "_force_ok", "_free_ok", "_mode", "_r_watch", "_r_has_watch",
-             "_r_above", "_r_k", "_r_after", "_r_ban", "_r_stop", "_r_switch", "_r_nowatch", "_r_afters",
-             "_r_stop_cols", "_r_stop_col", "_general", "_t_slot", "_t_text", "_t_act", "_t_forced", "_t_pol",
-             "_r_bits", "_k_text", "_k_pol", "_k_m", "_h_ok", "_t_all", "_h_gi", "_h_gi2", "_h_prev_off",
-             "_h_is_text", "_h_keys", "_h_rules", "_h_stop_cols", "_h_t_pol", "_h_bool")
-_POLICY_TABLES: dict[tuple, tuple[dict[str, Any], dict[str, Any]]] = {}
-
 # HF's LogitsProcessorList calls inspect.signature on every processor at every step (~12 us); a precomputed
 # signature makes that a lookup (~4 us)
 TagProcessor.__call__.__signature__ = inspect.signature(TagProcessor.__call__)  # type: ignore[attr-defined]
-
-
-def _mask_pending(pending, mode, in_text):
-    """No forced group for rows whose policy forces nowhere (``none``) or only at the start and wrote text."""
-    return pending.masked_fill((mode == _MODE_CODE["none"]) | ((mode == _MODE_CODE["start"]) & in_text), -1)
-
-
-def _action_codes(allowed, bias):
-    """(B, S) int8: BANNED where not allowed, BIASED where a bias applies, else UNTOUCHED."""
-    import torch
-
-    return torch.where(~allowed, BANNED, torch.where(bias != 0, BIASED, UNTOUCHED)).to(torch.int8)
 
 
 def _tag_probs(scores, tag_logits, slot_ids, scratch):

@@ -218,6 +218,51 @@ def test_switch_policy_and_callback(pep8):
     assert out[0, good] == 3.0 and seen == [0] and p.callback_alarms == [(0, 0, "tempted")]
 
 
+def test_callback_ban_and_stop_act_on_the_chosen_rows(pep8):
+    s, tok = pep8
+    bad, good = tag_id(tok, s, "bad"), tag_id(tok, s, "good")
+
+    def cb(info):
+        info.ban("good", rows=[0])  # this step only
+        if info.step == 1:
+            info.stop(rows=[1])  # for good
+
+    p = TagProcessor(tok, s, "force_at:none", callback=cb)
+    stop = AlarmStop(p)
+    ids = torch.cat([ids_of(tok, "x")] * 2)
+    out = p(ids, uniform(tok, 2))
+    assert out[0, good] == float("-inf") and out[1, good] == 0.0 and out[0, bad] == out[1, bad] == 0.0
+    assert p.actions[0][:, p.slot_of_tag("good")].tolist() == [2, 0]  # BANNED, UNTOUCHED
+    ids = torch.cat([ids, ids[:, -1:]], 1)
+    assert stop(ids, None).tolist() == [False, False]
+    p(ids, uniform(tok, 2))
+    ids = torch.cat([ids, ids[:, -1:]], 1)
+    assert stop(ids, None).tolist() == [False, True]
+    p(ids, uniform(tok, 2))
+    assert stop(ids, None).tolist() == [False, True]  # a stop stays
+
+
+@pytest.mark.parametrize("callback", [None, lambda info: None])  # the compiled path and the general path
+def test_repetition_penalty_is_hfs_on_text_and_spares_tags(pep8, callback):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    s, tok = pep8
+    bad, good = tag_id(tok, s, "bad"), tag_id(tok, s, "good")
+    ids = torch.cat([ids_of(tok, "x = 1"), ids_of(tok, "x = 1").flip(1)])
+    ids[:, 1] = torch.tensor([good, bad])  # tags already in the prefix: HF would penalise them
+    scores = torch.randn(2, len(tok), generator=torch.Generator().manual_seed(0)) * 3
+    scores[:, [good, bad]] = torch.tensor([[2.0, -1.0], [-2.0, 1.5]])
+    p = TagProcessor(tok, s, "force_at:none", repetition_penalty=1.7, callback=callback)
+    out = p(ids, scores)
+    want = RepetitionPenaltyLogitsProcessor(1.7)(ids, scores.clone())
+    text = torch.ones(len(tok), dtype=torch.bool)
+    text[[good, bad]] = False
+    assert torch.equal(out[:, text], want[:, text])
+    assert not torch.equal(want[:, [good, bad]], scores[:, [good, bad]])  # HF did penalise the tags ...
+    assert torch.equal(out[:, [good, bad]], scores[:, [good, bad]])  # ... the processor leaves them as the model said
+    assert torch.equal(p.temptations[0], torch.softmax(scores, -1)[:, p.slot_ids])  # measured before the penalty
+
+
 def test_beam_state_follows_parent_rows(pep8):
     s, tok = pep8
     bad = tag_id(tok, s, "bad")
