@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from pretag.modeldir import TRAIN_FILE, ModelDir, ModelDirError
 from pretag.objectives import OBJECTIVES, PAPER_OBJECTIVES
 
 log = logging.getLogger(__name__)
@@ -487,21 +488,12 @@ def write_report(path: Path, *, title: str, summary: dict[str, Any], rows: list[
 
 
 # ---- orchestration ----------------------------------------------------------------------------------------
-def _done(model_dir: Path) -> bool:
-    from pretag.models import TRAIN_FILE
-
-    p = model_dir / TRAIN_FILE
-    return p.exists() and (yaml.safe_load(p.read_text()) or {}).get("status") == "done"
-
-
 def _pretrained_info(run: str, model_dir: Path) -> dict[str, Any]:
     """Train info of a run that was trained elsewhere, read from its ``pretag_train.yaml``."""
-    from pretag.models import TRAIN_FILE
-
-    if not (model_dir / TRAIN_FILE).exists():
+    md = ModelDir(model_dir)
+    if not md.is_pretag:
         raise FileNotFoundError(f"pretrained run {run!r}: {model_dir} is not a pretag model dir (no {TRAIN_FILE})")
-    saved = yaml.safe_load((model_dir / TRAIN_FILE).read_text()) or {}
-    conf, res = saved.get("config", {}), saved.get("result", {})
+    conf, res = md.config, md.result
     return {"run": run, "method": conf.get("method"), "tokens": conf.get("tokens"), "model": conf.get("model"),
             "wall_s": res.get("wall_s"), "steps": res.get("steps"), "train_loss": res.get("train_loss"),
             "eval_loss": res.get("eval_loss"), "params": res.get("params"), "pretrained": str(model_dir)}
@@ -527,7 +519,9 @@ def plan_runs(cfg: ExperimentConfig, out: Path) -> list[PlannedRun]:
         ft = cfg.finetune
         first = round(cfg.tokens * ft.pretrain_fraction)
         stage = out / "models" / "finetune-mle-stage"
-        lr = cfg.train.get("lr", 1e-3)  # a fresh preset's default: the fine-tune must not silently slow down
+        from pretag.train import PRESET_LR
+
+        lr = cfg.train.get("lr", PRESET_LR)  # a fresh preset's default: the fine-tune must not silently slow down
         runs += [PlannedRun("finetune-mle-stage", "mle", stage, first),
                  PlannedRun(f"mle→{ft.method}", ft.method, out / "models" / f"finetune-{ft.method}",
                             cfg.tokens - first, model=str(stage), extra={"lr": lr})]
@@ -547,14 +541,13 @@ def train_config(p: PlannedRun, cfg: ExperimentConfig, schema_name: str):
 
 
 def _saved_config(model_dir: Path) -> dict[str, Any] | None:
-    from pretag.models import TRAIN_FILE
-
-    p = model_dir / TRAIN_FILE
-    if not p.exists():
+    """The training config a run in ``model_dir`` was trained with (None: no run there; {}: unreadable)."""
+    md = ModelDir(model_dir)
+    if not md.is_pretag:
         return None
     try:
-        return (yaml.safe_load(p.read_text()) or {}).get("config") or {}
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return md.config
+    except ModelDirError:
         return {}
 
 
@@ -612,7 +605,7 @@ def _train(p: PlannedRun, data: Path, cfg: ExperimentConfig, schema_name: str) -
     tcfg = train_config(p, cfg, schema_name)
     info_path = out / "experiment_run.json"
     saved = _saved_config(out)
-    if _done(out) and info_path.exists() and saved is not None and not config_diff(saved, tcfg, p):
+    if ModelDir(out).done and info_path.exists() and saved is not None and not config_diff(saved, tcfg, p):
         log.info("%s: reusing the finished model in %s", run, out)
         return json.loads(info_path.read_text())
     t0 = time.perf_counter()
@@ -716,7 +709,6 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
               settings: dict[str, Any]) -> dict[str, Any]:
     """Evaluate one run, or reuse its cached evaluation when the settings are unchanged."""
     from pretag.evaluate import evaluate_model
-    from pretag.models import TRAIN_FILE
 
     e = cfg.eval
     path = out / "evals" / f"{run.replace('→', '-then-')}.json"
