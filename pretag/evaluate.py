@@ -34,6 +34,7 @@ from pretag.metrics import (  # noqa: F401  (re-exported: the metrics are part o
     scorable_segments,
     strip_tags,
 )
+from pretag.results import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -673,4 +674,5 @@ def evaluate_model(
                               "examples": [{"prompt": s.prompt, "continuation": s.text} for s in rt[:keep_samples]]}
     res["wall_s"] = time.perf_counter() - t0
     log.info("evaluated %s in %.1fs", model_dir, res["wall_s"])
-    return json_safe(res)
+    # through the typed result: a field renamed here fails now (ResultError), not as a "–" in a table later
+    return EvalResult.from_dict(json_safe(res), where=str(model_dir)).to_dict()

@@ -51,7 +51,7 @@ def test_a_plain_dir_says_nothing_and_a_broken_file_is_an_error(tmp_path):
     assert md.eval_fraction == 0 and md.status is None
     (tmp_path / TRAIN_FILE).write_text("config: [unclosed\n")
     with pytest.raises(ModelDirError, match=TRAIN_FILE):
-        ModelDir(tmp_path).config
+        _ = ModelDir(tmp_path).config
     (tmp_path / TRAIN_FILE).write_text("- a list\n")
     with pytest.raises(ModelDirError, match="not a mapping"):
-        ModelDir(tmp_path).config
+        _ = ModelDir(tmp_path).config
