@@ -34,7 +34,6 @@ from pretag.metrics import (  # noqa: F401  (re-exported: the metrics are part o
     scorable_segments,
     strip_tags,
 )
-from pretag.results import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -675,4 +674,6 @@ def evaluate_model(
     res["wall_s"] = time.perf_counter() - t0
     log.info("evaluated %s in %.1fs", model_dir, res["wall_s"])
     # through the typed result: a field renamed here fails now (ResultError), not as a "–" in a table later
+    from pretag.results import EvalResult
+
     return EvalResult.from_dict(json_safe(res), where=str(model_dir)).to_dict()
