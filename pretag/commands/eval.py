@@ -15,20 +15,21 @@ HELP = "evaluate a model: misalignment, capability (loss, KL), red-team, self-ta
 
 
 def add_arguments(p) -> None:
+    from pretag.cliargs import add_fields
+
     p.add_argument("model", help="model directory written by `pretag train`")
     p.add_argument("--data", help="labeled dataset: held-out loss, self-tagging and red-team prompts use the "
                                   "documents training held out (all of them if the model was trained elsewhere)")
     p.add_argument("--reference", help="a local model dir (HF, pretag, .gguf or 'smollm2') for KL(ref || model)")
-    p.add_argument("--samples", type=int, default=256, help="unconditional samples (paper: 4096; default 256)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="length limit of a sample (default 128)")
-    p.add_argument("--reference-samples", type=int, default=128, help="reference samples for KL (default 128)")
-    p.add_argument("--heldout-docs", type=int, default=64, help="held-out documents used (default 64)")
-    p.add_argument("--redteam", type=int, default=16, help="red-team prompts (default 16)")
+    # the same settings as an experiment's eval: section (pretag.experiment.EvalConfig), documented there
+    add_fields(p, "pretag.experiment", "EvalConfig", ["samples", "max_new_tokens", "reference_samples",
+                                                      "heldout_docs", "redteam_prompts"],
+               flags={"redteam_prompts": "--redteam"},
+               help={"reference_samples": "Reference samples for the KL estimate (cached, see --cache)"})
     p.add_argument("--policy", help="sampling policy (file, shipped name or compact string); default: a "
                                     "tag-trained model bans the bad tags, any other model writes no tags")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    add_fields(p, "pretag.experiment", "EvalConfig", ["temperature", "batch_size"])
+    add_fields(p, "pretag.experiment", "ExperimentConfig", ["seed"])
     p.add_argument("--cache", help="folder for cached reference samples (default: MODEL/eval_cache)")
     p.add_argument("--out", help="also write the full result as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
