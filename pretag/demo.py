@@ -50,14 +50,11 @@ def demo_experiment(cfg: DemoConfig) -> dict[str, Any]:
 def trained_with(runs: dict[str, str]) -> dict[str, Any]:
     """``model`` and ``tokens`` as the checkpoints were trained (their ``pretag_train.yaml``), so the report says
     what was evaluated, not the experiment defaults (it said ``micro`` on 1M tokens for ``tiny`` on 1.5M)."""
-    import yaml
-
-    from pretag.models import TRAIN_FILE
+    from pretag.modeldir import ModelDir
 
     seen = {}
     for run, d in runs.items():
-        p = Path(d) / TRAIN_FILE
-        conf = (yaml.safe_load(p.read_text()) or {}).get("config", {}) if p.exists() else {}
+        conf = ModelDir(d).config
         seen[run] = {k: conf[k] for k in ("model", "tokens") if conf.get(k) is not None}
     got = {}
     for k in ("model", "tokens"):

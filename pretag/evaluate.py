@@ -269,15 +269,9 @@ class Sample:
 
 def uses_tags(model_dir) -> bool:
     """Was this model trained with tags in its text (the conditional objective)?"""
-    import yaml
+    from pretag.modeldir import ModelDir
 
-    from pretag.models import TRAIN_FILE
-    from pretag.objectives import USES_TAGS
-
-    p = Path(model_dir) / TRAIN_FILE
-    if not p.exists():
-        return False
-    return (yaml.safe_load(p.read_text()) or {}).get("config", {}).get("method") in USES_TAGS
+    return ModelDir(model_dir).tagged
 
 
 def sampling_policy(schema, tagged: bool):
@@ -577,15 +571,12 @@ def fit_prompts(model, tokenizer, schema, policy, prompts: Sequence[str], max_ne
 def heldout_rows(model_dir: str | Path, data: str | Path, n: int | None = None) -> list[dict]:
     """The documents ``pretag train`` held out of this model's training (same hash split), else all of ``data``
     when the model was trained elsewhere; at most ``n`` (a deterministic choice)."""
-    import yaml
-
     from pretag.label import load_labeled
-    from pretag.models import TRAIN_FILE
+    from pretag.modeldir import ModelDir
     from pretag.train import split_rows
 
     _, rows = load_labeled(data)
-    p = Path(model_dir) / TRAIN_FILE
-    frac = (yaml.safe_load(p.read_text()) or {}).get("config", {}).get("eval_fraction", 0) if p.exists() else 0
+    frac = ModelDir(model_dir).eval_fraction
     held = split_rows(rows, frac)[1] if frac else rows
     if not held:
         held = rows
@@ -682,4 +673,7 @@ def evaluate_model(
                               "examples": [{"prompt": s.prompt, "continuation": s.text} for s in rt[:keep_samples]]}
     res["wall_s"] = time.perf_counter() - t0
     log.info("evaluated %s in %.1fs", model_dir, res["wall_s"])
-    return json_safe(res)
+    # through the typed result: a field renamed here fails now (ResultError), not as a "–" in a table later
+    from pretag.results import EvalResult
+
+    return EvalResult.from_dict(json_safe(res), where=str(model_dir)).to_dict()

@@ -9,20 +9,17 @@ data with an identical token budget and seed, evaluate each with an identical sa
     pareto.png, curves.png, temptation.png     the plots
     report.html                                everything above in one file (PNG embedded as base64)
 
-An experiment config is a small YAML file (see ``pretag/configs/experiments``); ``quick:`` is an overlay used by
+The tables, plots and report are drawn by ``pretag.report`` from typed results (``pretag.results``); this module
+validates the config, plans and trains the runs, and evaluates each. An experiment config is a small YAML file (see ``pretag/configs/experiments``); ``quick:`` is an overlay used by
 ``--quick`` so the same config documents both its full budget and a few-minute smoke run.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
-import csv
 import hashlib
-import html
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,7 +27,21 @@ from typing import Any
 
 import yaml
 
+from pretag.modeldir import TRAIN_FILE, ModelDir, ModelDirError
 from pretag.objectives import OBJECTIVES, PAPER_OBJECTIVES
+from pretag.report import (  # noqa: F401  (tables and plots moved to pretag.report; these names stay importable)
+    markdown_table,
+    plot_pareto,
+    plot_temptation,
+    plot_training_curves,
+    ratio_columns,
+    read_training_log,
+    result_row,
+    temptations,
+    write_csv,
+    write_report,
+)
+from pretag.results import EvalResult, ResultError
 
 log = logging.getLogger(__name__)
 
@@ -219,289 +230,13 @@ def load_config(name_or_path: str | Path, *, quick: bool = False) -> ExperimentC
     return config_from_dict(d, quick=quick, where=str(p))
 
 
-# ---- results table ----------------------------------------------------------------------------------------
-def _get(d: dict | None, *path: str) -> Any:
-    for k in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def result_row(run: str, result: dict, train_info: dict | None = None) -> dict[str, Any]:
-    """One flat row of the results table from an ``evaluate_model`` result (intervals as _lo/_hi columns)."""
-    row: dict[str, Any] = {"run": run}
-    info = train_info or {}
-    row["tokens"] = info.get("tokens")
-    row["train_wall_s"] = info.get("wall_s")
-    row["eval_wall_s"] = result.get("wall_s")
-
-    def est(prefix: str, e: dict | None) -> None:
-        row[prefix] = _get(e, "value")
-        row[prefix + "_lo"] = _get(e, "lo")
-        row[prefix + "_hi"] = _get(e, "hi")
-
-    for attr, m in (result.get("misalignment") or {}).items():
-        est(f"{attr}.score", m.get("score"))
-        row[f"{attr}.expected_max"] = m.get("expected_max")
-        est(f"{attr}.frac_any_bad", m.get("frac_samples_any_bad"))
-        est(f"{attr}.frac_bad_segments", m.get("frac_bad_segments"))
-        row[f"{attr}.redteam_score"] = _get(result, "redteam", "misalignment", attr, "score", "value")
-        row[f"{attr}.selftag_auroc"] = _get(result, "self_tagging", attr, "auroc")
-        row[f"{attr}.temptation_auroc"] = _get(result, "temptation", attr, "auroc")
-        row[f"{attr}.warning_auroc"] = _get(result, "warning_light", attr, "auroc")
-    est("kl", result.get("kl"))
-    row["loss"] = _get(result, "loss", "untagged", "loss")
-    row["loss_tagged"] = _get(result, "loss", "tagged", "loss")
-    for n in (1, 2, 3):
-        row[f"distinct_{n}"] = _get(result, "diversity", f"distinct_{n}")
-    return row
-
-
-def ratio_columns(baseline: dict, result: dict) -> dict[str, Any]:
-    """``<attr>.mle_ratio``: the baseline's (MLE's) misalignment score ÷ this run's, with a bootstrap interval over
-    both runs' samples — the paper's headline figure (≈ 13× on toxicity at its scale). Above 1: this run is better.
-    Attributes where higher is better are oriented already (scores are "higher is worse" in the summary); when
-    scores can be negative (a signed score such as VADER's compound) the score ratio is left out, and the ratios of
-    bad segments and of samples with any bad segment remain."""
-    import numpy as np
-
-    from pretag.metrics import pooled_fraction, ratio_ci
-
-    cols: dict[str, Any] = {}
-    for attr, m in (result.get("misalignment") or {}).items():
-        a = _get(baseline, "misalignment", attr, "per_sample", "score")
-        b = _get(m, "per_sample", "score")
-        if not a or not b:
-            continue
-        if min(a) >= 0 and min(b) >= 0:  # a ratio of means needs non-negative scores; a signed score (VADER's
-            e = ratio_ci(a, b)           # compound, oriented) has none: read its bad-segment ratio instead
-            cols[f"{attr}.mle_ratio"], cols[f"{attr}.mle_ratio_lo"], cols[f"{attr}.mle_ratio_hi"] = e.value, e.lo, e.hi
-        ps_a, ps_b = _get(baseline, "misalignment", attr, "per_sample"), m["per_sample"]
-        if not sum(ps_a["bad_segments"]) and not sum(ps_b["bad_segments"]):
-            continue  # no bad segment in either (an attribute with bands has no bad value): 0 / 0 is no ratio
-        e = ratio_ci(np.stack([ps_a["bad_segments"], ps_a["segments"]], 1),
-                     np.stack([ps_b["bad_segments"], ps_b["segments"]], 1), pooled_fraction)
-        cols[f"{attr}.mle_ratio_bad_segments"] = e.value
-        cols[f"{attr}.mle_ratio_bad_segments_lo"], cols[f"{attr}.mle_ratio_bad_segments_hi"] = e.lo, e.hi
-        a_bad = _get(baseline, "misalignment", attr, "per_sample", "any_bad")
-        b_bad = _get(m, "per_sample", "any_bad")
-        if a_bad and b_bad:
-            e = ratio_ci(a_bad, b_bad)
-            cols[f"{attr}.mle_ratio_any_bad"] = e.value
-            cols[f"{attr}.mle_ratio_any_bad_lo"], cols[f"{attr}.mle_ratio_any_bad_hi"] = e.lo, e.hi
-    return cols
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Rows as a Markdown table; ``x``, ``x_lo``, ``x_hi`` columns collapse into one ``x [lo, hi]`` cell."""
-    if not rows:
-        return ""
-    cols = [c for c in rows[0] if not c.endswith(("_lo", "_hi"))]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            cell = _fmt(r.get(c))
-            if r.get(c + "_lo") is not None:
-                cell += f" [{_fmt(r[c + '_lo'])}, {_fmt(r[c + '_hi'])}]"
-            cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-
-
-# ---- plots ------------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a server or in CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_pareto(rows: list[dict[str, Any]], attr: str, path: Path) -> Path:
-    """Misalignment score against capability (KL from the reference if measured, else held-out loss), with
-    bootstrap intervals: the paper's Fig. 2 view, where down-left is better."""
-    plt = _plt()
-    use_kl = any(r.get("kl") is not None for r in rows)
-    xk = "kl" if use_kl else "loss"
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in rows:
-        x, y = r.get(xk), r.get(f"{attr}.score")
-        if x is None or y is None:
-            continue
-        yerr = [[y - r[f"{attr}.score_lo"]], [r[f"{attr}.score_hi"] - y]]
-        xerr = [[x - r["kl_lo"]], [r["kl_hi"] - x]] if use_kl else None
-        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=r["run"])
-        ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("KL from reference (nats/sample)" if use_kl else "held-out loss (nats/text token)")
-    ax.set_ylabel(f"misalignment score ({attr})")
-    ax.set_title("misalignment vs capability (lower-left is better)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def read_training_log(path: Path) -> dict[str, list[float]]:
-    """A training CSV log as columns of floats. Reads both a wide log (one column per metric) and the tidy
-    ``step,name,value`` log ``pretag train`` writes (pivoted: ``step`` plus one column per name, NaN-filled)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(rows[0]) == {"step", "name", "value"}:
-        steps = sorted({int(_float(r["step"])) for r in rows})
-        at = {s: i for i, s in enumerate(steps)}
-        cols: dict[str, list[float]] = {"step": [float(s) for s in steps]}
-        for r in rows:
-            col = cols.setdefault(r["name"], [float("nan")] * len(steps))
-            col[at[int(_float(r["step"]))]] = _float(r["value"])
-        return cols
-    cols = {}
-    for row in rows:
-        for k, v in row.items():
-            cols.setdefault(k, []).append(_float(v))
-    return cols
-
-
-def plot_training_curves(logs: dict[str, Path], path: Path, tokens_per_step: dict[str, int] | None = None) -> Path:
-    """Training loss against tokens seen for every run, from each run's CSV log (steps x tokens per step).
-
-    Each objective's loss is its own quantity (RWR/AWR are weighted, unlikelihood adds a term), so the curves
-    show convergence, not a ranking."""
-    tokens_per_step = tokens_per_step or {}
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for run, p in logs.items():
-        cols = read_training_log(p)
-        xk = next((k for k in ("tokens", "tokens_seen", "step") if k in cols), None)
-        yk = next((k for k in ("loss", "train_loss", "train/loss") if k in cols), None)
-        scale = float(tokens_per_step.get(run, 1)) if xk == "step" else 1.0
-        if xk is None or yk is None:
-            log.warning("%s: no tokens/step and loss columns (has %s); not plotted", p, sorted(cols))
-            continue
-        pts = [(x, y) for x, y in zip(cols[xk], cols[yk]) if not (math.isnan(x) or math.isnan(y))]
-        if pts:
-            ax.plot([x * scale for x, _ in pts], [y for _, y in pts], label=run)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("training loss (objective)")
-    ax.set_title("training curves")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_temptation(temptations: dict[str, dict[str, list[float]]], path: Path) -> Path:
-    """Per run, histograms of the temptation measured before segments the classifier then judged bad vs good."""
-    plt = _plt()
-    runs = list(temptations) or ["(none)"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(3 * len(runs), 2.8), squeeze=False, sharey=False)
-    for ax, run in zip(axes[0], runs):
-        t = temptations.get(run, {})
-        bins = [i / 20 for i in range(21)]
-        for key, color in (("good", "tab:blue"), ("bad", "tab:red")):
-            if t.get(key):
-                ax.hist(t[key], bins=bins, alpha=0.6, color=color, label=f"before {key} ({len(t[key])})")
-        ax.set_title(run, fontsize=9)
-        ax.set_xlabel("temptation", fontsize=8)
-        if ax.patches:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ---- HTML report ------------------------------------------------------------------------------------------
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-
-
-def _html_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>(no results)</p>"
-    cols = [c for c in rows[0] if not c.endswith(("_lo", "_hi"))]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = []
-    for r in rows:
-        cells = []
-        for c in cols:
-            cell = _fmt(r.get(c))
-            if r.get(c + "_lo") is not None:
-                cell += f"<br><small>[{_fmt(r[c + '_lo'])}, {_fmt(r[c + '_hi'])}]</small>"
-            cells.append(f"<td>{cell}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def write_report(path: Path, *, title: str, summary: dict[str, Any], rows: list[dict[str, Any]],
-                 plots: list[Path], samples: dict[str, list[str]] | None = None) -> Path:
-    """One self-contained HTML file: settings, the results table, the plots (embedded) and a few samples."""
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
-             "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}pre{background:#f6f6f6;padding:6px;"
-             "white-space:pre-wrap}img{max-width:100%}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>",
-             "<h2>Results</h2>", _html_table(rows), "<h2>Plots</h2>"]
-    parts += [f"<h3>{html.escape(p.stem)}</h3>{_img(p)}" for p in plots if p.exists()]
-    if samples:
-        parts.append("<h2>Samples</h2>")
-        for run, texts in samples.items():
-            parts.append(f"<h3>{html.escape(run)}</h3>")
-            parts += [f"<pre>{html.escape(t)}</pre>" for t in texts]
-    parts.append("</body></html>")
-    path.write_text("\n".join(parts))
-    return path
-
-
-
-
 # ---- orchestration ----------------------------------------------------------------------------------------
-def _done(model_dir: Path) -> bool:
-    from pretag.models import TRAIN_FILE
-
-    p = model_dir / TRAIN_FILE
-    return p.exists() and (yaml.safe_load(p.read_text()) or {}).get("status") == "done"
-
-
 def _pretrained_info(run: str, model_dir: Path) -> dict[str, Any]:
     """Train info of a run that was trained elsewhere, read from its ``pretag_train.yaml``."""
-    from pretag.models import TRAIN_FILE
-
-    if not (model_dir / TRAIN_FILE).exists():
+    md = ModelDir(model_dir)
+    if not md.is_pretag:
         raise FileNotFoundError(f"pretrained run {run!r}: {model_dir} is not a pretag model dir (no {TRAIN_FILE})")
-    saved = yaml.safe_load((model_dir / TRAIN_FILE).read_text()) or {}
-    conf, res = saved.get("config", {}), saved.get("result", {})
+    conf, res = md.config, md.result
     return {"run": run, "method": conf.get("method"), "tokens": conf.get("tokens"), "model": conf.get("model"),
             "wall_s": res.get("wall_s"), "steps": res.get("steps"), "train_loss": res.get("train_loss"),
             "eval_loss": res.get("eval_loss"), "params": res.get("params"), "pretrained": str(model_dir)}
@@ -527,7 +262,9 @@ def plan_runs(cfg: ExperimentConfig, out: Path) -> list[PlannedRun]:
         ft = cfg.finetune
         first = round(cfg.tokens * ft.pretrain_fraction)
         stage = out / "models" / "finetune-mle-stage"
-        lr = cfg.train.get("lr", 1e-3)  # a fresh preset's default: the fine-tune must not silently slow down
+        from pretag.train import PRESET_LR
+
+        lr = cfg.train.get("lr", PRESET_LR)  # a fresh preset's default: the fine-tune must not silently slow down
         runs += [PlannedRun("finetune-mle-stage", "mle", stage, first),
                  PlannedRun(f"mle→{ft.method}", ft.method, out / "models" / f"finetune-{ft.method}",
                             cfg.tokens - first, model=str(stage), extra={"lr": lr})]
@@ -547,14 +284,13 @@ def train_config(p: PlannedRun, cfg: ExperimentConfig, schema_name: str):
 
 
 def _saved_config(model_dir: Path) -> dict[str, Any] | None:
-    from pretag.models import TRAIN_FILE
-
-    p = model_dir / TRAIN_FILE
-    if not p.exists():
+    """The training config a run in ``model_dir`` was trained with (None: no run there; {}: unreadable)."""
+    md = ModelDir(model_dir)
+    if not md.is_pretag:
         return None
     try:
-        return (yaml.safe_load(p.read_text()) or {}).get("config") or {}
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return md.config
+    except ModelDirError:
         return {}
 
 
@@ -612,7 +348,7 @@ def _train(p: PlannedRun, data: Path, cfg: ExperimentConfig, schema_name: str) -
     tcfg = train_config(p, cfg, schema_name)
     info_path = out / "experiment_run.json"
     saved = _saved_config(out)
-    if _done(out) and info_path.exists() and saved is not None and not config_diff(saved, tcfg, p):
+    if ModelDir(out).done and info_path.exists() and saved is not None and not config_diff(saved, tcfg, p):
         log.info("%s: reusing the finished model in %s", run, out)
         return json.loads(info_path.read_text())
     t0 = time.perf_counter()
@@ -673,7 +409,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     e = cfg.eval
     runs: dict[str, dict[str, Any]] = {}
     model_dirs: dict[str, Path] = {}
-    results: dict[str, dict] = {}
+    results: dict[str, EvalResult] = {}
     pending: list[str] = []
     mle_dir = Path(cfg.pretrained["mle"]) if "mle" in cfg.pretrained else out / "models" / "mle"
     has_mle = "mle" in cfg.pretrained or "mle" in cfg.methods
@@ -713,10 +449,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
 
 
 def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentConfig, reference: str | None,
-              settings: dict[str, Any]) -> dict[str, Any]:
+              settings: dict[str, Any]) -> EvalResult:
     """Evaluate one run, or reuse its cached evaluation when the settings are unchanged."""
     from pretag.evaluate import evaluate_model
-    from pretag.models import TRAIN_FILE
 
     e = cfg.eval
     path = out / "evals" / f"{run.replace('→', '-then-')}.json"
@@ -726,7 +461,10 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("experiment_settings") == settings:
-            return cached
+            try:
+                return EvalResult.from_dict(cached, where=str(path))
+            except ResultError as err:  # written by another version of pretag: evaluate again
+                log.warning("%s: not reused (%s)", path, err)
     log.info("experiment %s: evaluating %s", cfg.name, run)
     r = evaluate_model(model_dir, data=data, samples=e.samples, max_new_tokens=e.max_new_tokens,
                        temperature=e.temperature, reference=reference, reference_samples_n=e.reference_samples,
@@ -734,10 +472,10 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
                        policy=cfg.policy or None, batch_size=e.batch_size, seed=cfg.seed)
     r["experiment_settings"] = settings
     path.write_text(json.dumps(r, indent=2, default=str))
-    return r
+    return EvalResult.from_dict(r, where=str(path))
 
 
-def _write_tables(cfg: ExperimentConfig, schema, out: Path, runs: dict[str, dict], results: dict[str, dict],
+def _write_tables(cfg: ExperimentConfig, schema, out: Path, runs: dict[str, dict], results: dict[str, EvalResult],
                   model_dirs: dict[str, Path], reference: str | None, *, t0: float | None = None, label_s: float | None = None,
                   final: bool = False) -> dict[str, Any]:
     """Tables, plots and the HTML report of every run evaluated so far (``final`` marks the complete set)."""
@@ -756,10 +494,7 @@ def _write_tables(cfg: ExperimentConfig, schema, out: Path, runs: dict[str, dict
     plots = [plot_pareto(rows, primary, out / "pareto.png")]
     logs = {run: model_dirs[run] / "metrics.csv" for run in done if (model_dirs[run] / "metrics.csv").exists()}
     plots.append(plot_training_curves(logs, out / "curves.png", {r: runs[r].get("tokens_per_step", 1) for r in done}))
-    temps = {run: {"bad": _get(res, "temptation", primary, "before_bad") or [],
-                   "good": _get(res, "temptation", primary, "before_good") or []}
-             for run, res in results.items() if _get(res, "temptation", primary)}
-    plots.append(plot_temptation(temps, out / "temptation.png"))
+    plots.append(plot_temptation(temptations(results, primary), out / "temptation.png"))
     summary = {
         "experiment": cfg.name, "description": cfg.description, "schema": schema.name,
         "data": str(cfg.data.labeled or out / "data"), "complete": final,
@@ -768,11 +503,11 @@ def _write_tables(cfg: ExperimentConfig, schema, out: Path, runs: dict[str, dict
         "primary_attribute": primary, "label_wall_s": label_s,
         "wall_s": None if t0 is None else time.perf_counter() - t0,
         "train_wall_s": {r: runs[r]["wall_s"] for r in done},
-        "eval_wall_s": {r: results[r].get("wall_s") for r in done},
+        "eval_wall_s": {r: results[r].wall_s for r in done},
     }
     title = f"pretag experiment: {cfg.name}" + ("" if final else f" (partial: {len(done)} runs evaluated so far)")
     write_report(out / "report.html", title=title, summary=summary, rows=rows,
-                 plots=plots, samples={r: results[r].get("examples", [])[:3] for r in done})
+                 plots=plots, samples={r: results[r].examples[:3] for r in done})
     full = {"summary": summary, "rows": rows,
             "artifacts": {k: str(out / k) for k in ("results.md", "results.csv", "results.json", "pareto.png",
                                                      "curves.png", "temptation.png", "report.html")}}

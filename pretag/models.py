@@ -20,13 +20,12 @@ import yaml
 from torch import nn
 from torch.nn import functional as F
 
+from pretag.modeldir import SCHEMA_FILE, TRAIN_FILE  # noqa: F401  (the file names live with their reader)
 from pretag.schema import Schema, load_schema
 from pretag.tokens import add_tag_tokens, protect_special_tokens, tag_ids
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_FILE = "pretag_schema.yaml"
-TRAIN_FILE = "pretag_train.yaml"
 VALUE_HEAD = "pretag_value_head"  # attribute name of the AWR value head while training; never saved in the model
 
 

@@ -645,7 +645,8 @@ def check_out(cfg: TrainConfig, out: Path, overwrite: bool = False) -> None:
     """Refuse, before any work, an ``out`` that is not writable, holds a dataset or an experiment, or holds a
     model of another run (another config, or a plain HF model); ``overwrite`` replaces a model instead. The same
     config resumes (or, finished, re-saves) the same run."""
-    from pretag import folders, models
+    from pretag import folders
+    from pretag.modeldir import ModelDir, ModelDirError
 
     folders.check_dir(out)
     folders.refuse_foreign(out, "model")
@@ -656,14 +657,14 @@ def check_out(cfg: TrainConfig, out: Path, overwrite: bool = False) -> None:
         logger.warning("--overwrite: removing %s from %s", kind, out)
         folders.clear_model_dir(out)
         return
-    saved = out / models.TRAIN_FILE
-    if not saved.exists():
+    md = ModelDir(out)
+    if not md.is_pretag:
         raise folders.FolderError(f"--out {str(out)!r} already holds {kind}, not a run of this command; use "
                                   "--overwrite to replace it, or pick another --out")
     try:
-        before = (yaml.safe_load(saved.read_text()) or {}).get("config", {})
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
-        raise folders.FolderError(f"{saved}: unreadable ({e}); use --overwrite to replace the model") from e
+        before = md.config
+    except ModelDirError as e:
+        raise folders.FolderError(f"{e}; use --overwrite to replace the model") from e
     now = {k: v for k, v in cfg.to_dict().items() if k != "sources"}
     diff = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
     if diff:
@@ -683,6 +684,19 @@ def _main_process_first(world: int, use_cpu: bool):
     state = PartialState(cpu=use_cpu)  # starts the process group (gloo on CPU, NCCL on GPUs); HF reuses it
     with state.main_process_first():
         yield state.is_main_process
+
+
+PRESET_LR = 1e-3  # a fresh model of a size preset; a pretrained model is fine-tuned more gently
+
+
+def effective_lr(lr: float | None, model: str | None, lora: bool = False) -> float:
+    """The learning rate a run uses: ``lr`` if set, else PRESET_LR for a fresh preset, 2e-4 for LoRA, 1e-4 for a
+    full fine-tune of a pretrained model. Saved as ``resolved.lr`` in ``pretag_train.yaml``."""
+    from pretag.models import PRESETS
+
+    if lr is not None:
+        return float(lr)
+    return PRESET_LR if model in PRESETS else 2e-4 if lora else 1e-4
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: bool = False) -> TrainResult:
@@ -717,13 +731,15 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
         model = models.apply_lora(model, tokenizer, prep.schema, r=cfg.lora_r, alpha=cfg.lora_alpha)
     if cfg.method in NEEDS_VALUES:
         models.attach_value_head(model)
+    lr = effective_lr(cfg.lr, cfg.model, cfg.lora)
+    resolved = {"lr": lr, "beta": run_cfg.beta}  # what the run really used: read back by pretag.modeldir.ModelDir
     if is_main:
         saved.write_text(yaml.safe_dump({"config": {k: v for k, v in cfg.to_dict().items() if k != "sources"},
-                                         "sources": cfg.sources, "status": "running"}, sort_keys=False))
+                                         "sources": cfg.sources, "resolved": resolved, "status": "running"},
+                                        sort_keys=False))
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size  # the whole job's, on any world size
     steps = math.ceil(cfg.tokens / tokens_per_step)
-    lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.model in models.PRESETS else 2e-4 if cfg.lora else 1e-4)
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
     eval_on = prep.eval is not None
     if cfg.precision == "fp16" and use_cpu:
@@ -769,7 +785,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, *, overwrite: boo
                       resumed_from=resume.name if resume else None, stats=prep.stats)
     if trainer.is_world_process_zero():
         final = {"config": {k: v for k, v in cfg.to_dict().items() if k != "sources"}, "sources": cfg.sources,
-                 "status": "done", "result": {"steps": res.steps, "train_loss": res.train_loss,
+                 "resolved": resolved, "status": "done", "result": {"steps": res.steps, "train_loss": res.train_loss,
                                               "eval_loss": res.eval_loss, "tokens_per_s": res.tokens_per_s,
                                               "wall_s": time.perf_counter() - t_start,
                                               "params": n_params, **prep.stats}}

@@ -399,3 +399,14 @@ def test_demo_argument_problems_are_one_line_errors(tmp_path, capsys, monkeypatc
     assert main(["demo", "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert "is a file" in err and "Traceback" not in err
+
+
+def test_saved_evaluations_read_back_into_typed_results_byte_for_byte(tiny_run):
+    from pretag.results import EvalResult
+
+    _, out = tiny_run
+    files = sorted((out / "evals").glob("*.json"))
+    assert len(files) == len(ex.METHODS) + 1
+    for p in files:
+        text = p.read_text()
+        assert json.dumps(EvalResult.from_dict(json.loads(text)).to_dict(), indent=2, default=str) == text, p.name

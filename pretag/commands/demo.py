@@ -13,13 +13,12 @@ HELP = "conditional+policy vs MLE on shipped checkpoints: table with intervals, 
 
 
 def add_arguments(p) -> None:
+    from pretag.cliargs import add_fields
+
     p.add_argument("--out", default="runs/demo", help="output directory (report, tables, plots)")
     p.add_argument("--checkpoints", default=None, help="directory with mle/, conditional/ and demo.yaml "
                    "(default: the repository's demo/checkpoints)")
-    p.add_argument("--samples", type=int, default=512, help="samples per model (default 512)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompt", default="", help="prompt of the traced generation (default: a new document)")
-    p.add_argument("--seed", type=int, default=0)
+    add_fields(p, "pretag.demo", "DemoConfig", ["samples", "max_new_tokens", "prompt", "seed"])
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--build-from", metavar="EXPERIMENT_OUT", default=None,
                    help="instead of running the demo: export the mle/conditional models of a finished "
@@ -32,8 +31,8 @@ def run(args) -> int:
 
     from pretag.cli import UserError, print_json
     from pretag.demo import CHECKPOINTS, DemoConfig, run_demo
-    from pretag.experiment import markdown_table
     from pretag.generate import format_trace
+    from pretag.report import markdown_table
 
     if args.samples < 2 or args.max_new_tokens < 1:
         raise UserError("--samples must be >= 2 and --max-new-tokens >= 1")

@@ -15,20 +15,21 @@ HELP = "evaluate a model: misalignment, capability (loss, KL), red-team, self-ta
 
 
 def add_arguments(p) -> None:
+    from pretag.cliargs import add_fields
+
     p.add_argument("model", help="model directory written by `pretag train`")
     p.add_argument("--data", help="labeled dataset: held-out loss, self-tagging and red-team prompts use the "
                                   "documents training held out (all of them if the model was trained elsewhere)")
     p.add_argument("--reference", help="a local model dir (HF, pretag, .gguf or 'smollm2') for KL(ref || model)")
-    p.add_argument("--samples", type=int, default=256, help="unconditional samples (paper: 4096; default 256)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="length limit of a sample (default 128)")
-    p.add_argument("--reference-samples", type=int, default=128, help="reference samples for KL (default 128)")
-    p.add_argument("--heldout-docs", type=int, default=64, help="held-out documents used (default 64)")
-    p.add_argument("--redteam", type=int, default=16, help="red-team prompts (default 16)")
+    # the same settings as an experiment's eval: section (pretag.experiment.EvalConfig), documented there
+    add_fields(p, "pretag.experiment", "EvalConfig", ["samples", "max_new_tokens", "reference_samples",
+                                                      "heldout_docs", "redteam_prompts"],
+               flags={"redteam_prompts": "--redteam"},
+               help={"reference_samples": "Reference samples for the KL estimate (cached, see --cache)"})
     p.add_argument("--policy", help="sampling policy (file, shipped name or compact string); default: a "
                                     "tag-trained model bans the bad tags, any other model writes no tags")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    add_fields(p, "pretag.experiment", "EvalConfig", ["temperature", "batch_size"])
+    add_fields(p, "pretag.experiment", "ExperimentConfig", ["seed"])
     p.add_argument("--cache", help="folder for cached reference samples (default: MODEL/eval_cache)")
     p.add_argument("--out", help="also write the full result as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -121,40 +122,8 @@ def run(args) -> int:
     if args.json:
         print_json(res)
         return 0
-    print(format_summary(res))
+    from pretag.report import format_summary
+    from pretag.results import EvalResult
+
+    print(format_summary(EvalResult.from_dict(res)))
     return 0
-
-
-def format_summary(res: dict) -> str:
-    """A readable digest of an ``evaluate_model`` result."""
-    def est(e: dict | None) -> str:
-        return "–" if not e or e.get("value") is None else f"{e['value']:.4g} [{e['lo']:.4g}, {e['hi']:.4g}]"
-
-    def num(x) -> str:
-        return "–" if x is None else f"{x:.4g}"
-
-    s = res["settings"]
-    lines = [f"model {res['model']} (schema {res['schema']}, {'tag-trained' if res['tagged'] else 'no tags'}); "
-             f"{s['samples']} samples of <= {s['max_new_tokens']} tokens, policy {res['policy'].get('name')}"]
-    for attr, m in res["misalignment"].items():
-        if not m.get("n_samples"):
-            lines.append(f"  {attr}: nothing scored")
-            continue
-        lines.append(f"  {attr}: score {est(m['score'])}  expected max@{m['expected_max_k']} {num(m['expected_max'])}"
-                     f"  any-bad {est(m['frac_samples_any_bad'])}  bad segments {est(m['frac_bad_segments'])}")
-    if "kl" in res:
-        lines.append(f"  KL from {res['kl']['reference']}: {est(res['kl'])} nats/sample")
-    if "loss" in res:
-        lines.append(f"  held-out loss: {num(res['loss']['untagged']['loss'])} nats/token untagged, "
-                     f"{num(res['loss']['tagged']['loss'])} with tags ({res['loss']['untagged']['n_docs']} docs)")
-    for attr, m in (res.get("redteam") or {}).get("misalignment", {}).items():
-        lines.append(f"  red-team ({res['redteam']['n_prompts']} prompts) {attr}: score {est(m.get('score'))}")
-    for attr, t in (res.get("self_tagging") or {}).items():
-        lines.append(f"  self-tagging {attr}: AUROC {num(t['auroc'])}, ECE {num(t['calibration']['ece'])}, "
-                     f"LLR AUROC {num(t['llr_auroc'])} (n={t['n']}, bad={t['n_bad']})")
-    for attr, t in (res.get("temptation") or {}).items():
-        lines.append(f"  temptation {attr}: AUROC {num(t['auroc'])} (n={t['n']}, bad={t['n_bad']})")
-    d = res["diversity"]
-    lines.append(f"  distinct-1/2/3: {d['distinct_1']:.3f} / {d['distinct_2']:.3f} / {d['distinct_3']:.3f}")
-    lines.append(f"  ({res['wall_s']:.1f}s)")
-    return "\n".join(lines)

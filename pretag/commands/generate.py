@@ -17,25 +17,26 @@ HELP = "generate under a tag policy; report per-token temptation, alarms and out
 
 
 def add_arguments(p) -> None:
+    from pretag.cliargs import add_fields
+
     p.add_argument("model", help="model directory written by `pretag train`")
     p.add_argument("--policy", default=None, help="policy: YAML file, shipped name or compact string")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text (repeatable; \\n and \\t escapes are expanded); default: empty")
-    p.add_argument("-n", type=int, default=1, help="sequences per prompt (sampled when > 1)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    # decoding settings are pretag.generate.GenerateConfig's fields (types, defaults and docs from there)
+    add_fields(p, "pretag.generate", "GenerateConfig", ["n", "max_new_tokens"], flags={"n": "-n"})
     p.add_argument("--sample", action="store_true", help="sample even for n = 1")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's formula; tag ids are exempt")
-    p.add_argument("--seed", type=int, default=None)
+    add_fields(p, "pretag.generate", "GenerateConfig",
+               ["temperature", "top_k", "top_p", "num_beams", "repetition_penalty", "seed"],
+               flags={"num_beams": "--beams"},
+               help={"num_beams": "beam search with this many beams", "repetition_penalty":
+                     "HF's formula; tag ids are exempt"})
     p.add_argument("--tree", type=float, default=None, metavar="TAU",
                    help="pruned tree search: drop sampled branches whose temptation crosses TAU")
     p.add_argument("--chunk", type=int, default=8, help="tokens between pruning decisions in --tree")
-    p.add_argument("--ablate-direction", default=None, metavar="SPEC",
-                   help="project a direction out of every layer while writing: a tag (bad), embed:TAG, or the "
-                        "direction.pt of `pretag interpret` (see docs/interpret.md)")
+    add_fields(p, "pretag.generate", "GenerateConfig", ["ablate_direction"], metavar={"ablate_direction": "SPEC"},
+               help={"ablate_direction": "project a direction out of every layer while writing: a tag (bad), "
+                                         "embed:TAG, or the direction.pt of `pretag interpret` (see docs/interpret.md)"})
     p.add_argument("--no-classify", action="store_true", help="skip running the schema's scorers on the output")
     p.add_argument("--show-temptation", action="store_true",
                    help="colour each token by its temptation toward banned tags, with a summary and alarms")

@@ -29,7 +29,7 @@ def _ci(e: dict | None, digits: int = 3) -> str:
 
 
 def plot_layers(layers: list[dict], model_auroc: dict, path: Path) -> Path:
-    from pretag.experiment import _plt
+    from pretag.report import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -55,7 +55,7 @@ def plot_layers(layers: list[dict], model_auroc: dict, path: Path) -> Path:
 
 def plot_attribution(attr: dict, path: Path) -> Path:
     """Heat map, layers x (heads, MLP): mean direct attribution when tempted minus when not."""
-    from pretag.experiment import _plt
+    from pretag.report import _plt
 
     plt = _plt()
     names, diff = attr["components"], attr["tempted"].get("diff")
@@ -118,7 +118,7 @@ def _interventions_table(recs: list[dict]) -> str:
 
 
 def write_html(result: dict, path: Path, plots: list[Path]) -> Path:
-    from pretag.experiment import _img
+    from pretag.report import _img
 
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
              "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}pre{background:#f6f6f6;padding:6px;"
