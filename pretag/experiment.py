@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,6 +63,9 @@ class DataConfig:
     """Cap on documents labeled (None = all)."""
     label_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``pretag.label.label_corpus`` (e.g. exclude patterns)."""
+    inline_word_threshold: float | None = None
+    """Train on an inline-tagged copy (``pretag.inline``): the bad tag before each word scoring worse than this
+    on its own, written to ``OUT/data-inline`` (e.g. 0.1 for profanity)."""
 
 
 @dataclass
@@ -151,6 +155,9 @@ def config_from_dict(d: dict[str, Any], *, quick: bool = False, where: str = "<d
     data = sections["data"]
     if not data.source and not data.labeled:
         problems.append("data: set 'source' (a corpus to label) or 'labeled' (a labeled dataset dir)")
+    iw = data.inline_word_threshold
+    if iw is not None and (isinstance(iw, bool) or not isinstance(iw, int | float) or not math.isfinite(iw)):
+        problems.append(f"data.inline_word_threshold: a number is required, got {iw!r}")
     pre = d.get("pretrained") or {}
     if not isinstance(pre, dict):
         problems.append("pretrained: must map run names to model dirs")
@@ -340,6 +347,19 @@ def reuse_problems(cfg: ExperimentConfig, out: Path, schema_name: str) -> list[s
     return problems
 
 
+def _inline_copy(src: Path, dest: Path, word_threshold: float) -> Path:
+    """``dest``: the inline-tagged copy of ``src`` (reused when it was made from ``src`` with this threshold)."""
+    import json
+
+    from pretag.inline import INFO_FILE, inline_dataset
+
+    info = dest / INFO_FILE
+    made = json.loads(info.read_text()) if info.exists() else {}
+    if made.get("word_threshold") != word_threshold or Path(made.get("source", "")).resolve() != src.resolve():
+        inline_dataset(src, dest, word_threshold=word_threshold, overwrite=True)
+    return dest
+
+
 def _train(p: PlannedRun, data: Path, cfg: ExperimentConfig, schema_name: str) -> dict[str, Any]:
     """Train one run (or reuse a finished one with the same config: the experiment resumes where it stopped)."""
     from pretag.train import train
@@ -400,6 +420,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
         data = out / "data"
         label_corpus(cfg.data.source, cfg.data.schema, data, limit=cfg.data.max_docs, progress=False,
                      **cfg.data.label_options)
+    if cfg.data.inline_word_threshold is not None:
+        data = _inline_copy(data, out / "data-inline", cfg.data.inline_word_threshold)
     schema = load_schema(data / "schema.yaml")
     label_s = time.perf_counter() - t0
 

@@ -103,3 +103,19 @@ def test_cli_inline_then_conditional_training_sees_the_inline_tags(tmp_path, cap
     plain = train(cfg, src, tmp_path / "plain")
     inl = train(cfg, tmp_path / "inl", tmp_path / "m")
     assert inl.stats["tag_tokens"] > plain.stats["tag_tokens"]  # a tag before each flagged run, not one a sentence
+
+
+def test_experiment_trains_on_an_inline_copy_made_once_per_threshold(tmp_path):
+    from pretag import experiment as ex
+
+    src = _dataset(tmp_path)
+    dest = ex._inline_copy(src, tmp_path / "out" / "data-inline", 0.5)
+    info = dest / "inline.json"
+    first = info.stat().st_mtime_ns
+    assert ex._inline_copy(src, dest, 0.5) == dest and info.stat().st_mtime_ns == first  # reused
+    ex._inline_copy(src, dest, 0.9)
+    assert json.loads(info.read_text())["word_threshold"] == 0.9  # another threshold: made again
+    d = {"name": "x", "data": {"labeled": str(src), "inline_word_threshold": 0.1}, "methods": ["conditional"]}
+    assert ex.config_from_dict(d).data.inline_word_threshold == 0.1
+    with pytest.raises(ValueError, match="inline_word_threshold"):
+        ex.config_from_dict({**d, "data": {"labeled": str(src), "inline_word_threshold": "lots"}})
