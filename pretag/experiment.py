@@ -349,8 +349,6 @@ def reuse_problems(cfg: ExperimentConfig, out: Path, schema_name: str) -> list[s
 
 def _inline_copy(src: Path, dest: Path, word_threshold: float) -> Path:
     """``dest``: the inline-tagged copy of ``src`` (reused when it was made from ``src`` with this threshold)."""
-    import json
-
     from pretag.inline import INFO_FILE, inline_dataset
 
     info = dest / INFO_FILE
