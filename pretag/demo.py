@@ -36,12 +36,17 @@ def demo_experiment(cfg: DemoConfig) -> dict[str, Any]:
     """The experiment config of the demo: the shipped checkpoints as pretrained runs, on their task's data."""
     import yaml
 
+    from pretag.modeldir import ADAPTER_FILE
+
     base = yaml.safe_load((cfg.checkpoints / "demo.yaml").read_text())
     runs = {r: str(cfg.checkpoints / r) for r in ("mle", "conditional")}
-    missing = [p for p in runs.values() if not (Path(p) / "config.json").exists()]
+    missing = [p for p in runs.values() if not any((Path(p) / f).exists() for f in ("config.json", ADAPTER_FILE))]
     if missing:
         raise FileNotFoundError(f"demo checkpoints missing: {', '.join(missing)} (see demo/checkpoints/README.md "
                                 "for the command that trains them)")
+    sch = (base.get("data") or {}).get("schema")
+    if isinstance(sch, str) and (cfg.checkpoints / sch).is_file():  # a schema shipped beside the checkpoints
+        base["data"] = {**base["data"], "schema": str(cfg.checkpoints / sch)}
     ev = {**base.get("eval", {}), "samples": cfg.samples, "max_new_tokens": cfg.max_new_tokens}
     return {**base, **trained_with(runs), "methods": [], "pretrained": runs, "finetune": {"enabled": False},
             "eval": ev, "seed": cfg.seed}
@@ -80,6 +85,31 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, Any]:
     return {"results": res, "trace": gen.sequences[0], "schema": schema}
 
 
+def relabel_data(experiment_out: str | Path, source: str, dest: str | Path) -> dict[str, Any]:
+    """The data section with which a fresh machine rebuilds an experiment's data from ``source``: its schema (a
+    labeled dataset's own ``schema.yaml`` is shipped in ``dest``), and its inline-tag threshold if it had one."""
+    import json
+    import shutil
+
+    import yaml
+
+    conf = yaml.safe_load((Path(experiment_out) / "config.yaml").read_text())["data"]
+    data = {"source": source, "schema": conf["schema"], "label_options": {"num_proc": 2}}
+    if conf.get("inline_word_threshold") is not None:
+        data["inline_word_threshold"] = conf["inline_word_threshold"]
+    if conf.get("labeled"):
+        lab, dest = Path(conf["labeled"]), Path(dest)
+        if (lab / "inline.json").exists():  # an inline copy: relabel as its source was, then inline again
+            info = json.loads((lab / "inline.json").read_text())
+            data["inline_word_threshold"] = info["word_threshold"]
+            if (Path(info["source"]) / "schema.yaml").exists():
+                lab = Path(info["source"])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lab / "schema.yaml", dest / "schema.yaml")
+        data["schema"] = "schema.yaml"  # resolved beside the checkpoints by demo_experiment
+    return data
+
+
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "pretag_schema.yaml", "pretag_train.yaml",
                  "metrics.csv")
@@ -103,6 +133,8 @@ def export_checkpoints(experiment_out: str | Path, dest: str | Path = CHECKPOINT
     cfg = yaml.safe_load((src / "config.yaml").read_text())
     for run in ("mle", "conditional"):
         md, out = src / "models" / run, dest / run
+        if not (md / "pretag_train.yaml").exists() and run in (cfg.get("pretrained") or {}):
+            md = Path(cfg["pretrained"][run])  # a run the experiment evaluated from an earlier one's model dir
         if not (md / "pretag_train.yaml").exists():
             raise FileNotFoundError(f"{md} is not a finished model dir of the experiment in {src}")
         out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import yaml
 
 SCHEMA_FILE = "pretag_schema.yaml"
 TRAIN_FILE = "pretag_train.yaml"
+ADAPTER_FILE = "adapter_config.json"  # peft's name; its presence makes a model dir an adapter dir (LoRA saved small)
 
 
 class ModelDirError(ValueError):

@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 from torch.nn import functional as F
 
-from pretag.modeldir import SCHEMA_FILE, TRAIN_FILE  # noqa: F401  (the file names live with their reader)
+from pretag.modeldir import ADAPTER_FILE, SCHEMA_FILE, TRAIN_FILE  # noqa: F401  (the file names live with their reader)
 from pretag.schema import Schema, load_schema
 from pretag.tokens import add_tag_tokens, protect_special_tokens, tag_ids
 
@@ -342,7 +342,6 @@ def is_peft(model) -> bool:
     return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
 
 
-ADAPTER_FILE = "adapter_config.json"  # peft's name; its presence makes a model dir an adapter dir
 
 
 def save_model_dir(model, tokenizer, schema: Schema, train_config: dict[str, Any], out: str | Path, *,

@@ -119,3 +119,28 @@ def test_experiment_trains_on_an_inline_copy_made_once_per_threshold(tmp_path):
     assert ex.config_from_dict(d).data.inline_word_threshold == 0.1
     with pytest.raises(ValueError, match="inline_word_threshold"):
         ex.config_from_dict({**d, "data": {"labeled": str(src), "inline_word_threshold": "lots"}})
+
+
+def test_demo_rebuilds_an_inline_experiments_data_from_the_source(tmp_path):
+    import yaml
+
+    from pretag.demo import DemoConfig, relabel_data
+
+    src = _dataset(tmp_path)
+    inline_dataset(src, tmp_path / "inl", word_threshold=0.5)
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "config.yaml").write_text(yaml.safe_dump({"data": {"labeled": str(tmp_path / "inl"), "schema": "pep8"}}))
+    dest = tmp_path / "ckpt"
+    data = relabel_data(exp, "fortunes", dest)
+    assert data == {"source": "fortunes", "schema": "schema.yaml", "label_options": {"num_proc": 2},
+                    "inline_word_threshold": 0.5}
+    assert (dest / "schema.yaml").read_text() == (src / "schema.yaml").read_text()  # the source's, not the copy's
+    (dest / "demo.yaml").write_text(yaml.safe_dump({"name": "d", "data": data}))
+    for run in ("mle", "conditional"):
+        (dest / run).mkdir()
+        (dest / run / "adapter_config.json").write_text("{}")  # a LoRA dir saved small counts as a checkpoint
+    from pretag.demo import demo_experiment
+
+    d = demo_experiment(DemoConfig(checkpoints=dest))
+    assert d["data"]["schema"] == str(dest / "schema.yaml") and d["data"]["inline_word_threshold"] == 0.5

@@ -39,15 +39,10 @@ def run(args) -> int:
     if args.source and not args.build_from:
         raise UserError("--source only applies with --build-from (the corpus the exported demo labels again)")
     if args.build_from:
-        from pretag.demo import export_checkpoints
+        from pretag.demo import export_checkpoints, relabel_data
 
         dest = Path(args.checkpoints) if args.checkpoints else CHECKPOINTS
-        data = None
-        if args.source:
-            import yaml
-
-            schema = yaml.safe_load((Path(args.build_from) / "config.yaml").read_text())["data"]["schema"]
-            data = {"source": args.source, "schema": schema, "label_options": {"num_proc": 2}}
+        data = relabel_data(args.build_from, args.source, dest) if args.source else None
         print(f"exported demo checkpoints to {export_checkpoints(args.build_from, dest, data=data)}")
         return 0
     cfg = DemoConfig(checkpoints=Path(args.checkpoints) if args.checkpoints else CHECKPOINTS, samples=args.samples,
