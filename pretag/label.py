@@ -230,7 +230,6 @@ def shard_files(out: str | Path) -> list[Path]:
 
 def load_labeled(out: str | Path) -> tuple[Schema, list[dict[str, Any]]]:
     """Read a labeled dataset back: its schema and one dict per document (``fields`` parsed from JSON)."""
-
     out = Path(out)
     if not (out / "schema.yaml").exists():
         raise FileNotFoundError(f"{out} is not a labeled dataset (no schema.yaml in it)")
