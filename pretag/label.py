@@ -22,9 +22,11 @@ import json
 import logging
 import math
 import os
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +143,45 @@ def arrow_schema(schema: Schema):
     return pa.schema(cols)
 
 
+# pyarrow imports pandas (~0.4 s, a twentieth of a 100k-line PEP8 job) the first time ``pa.array`` converts Python
+# objects and whenever ``pq.read_table`` is called, only to ask whether the input is a pandas object. Labeling never
+# has one, so shards are built from buffers and read with ``ParquetFile``; test_label checks both against the
+# pyarrow calls they replace.
+def arrow_column(values: list, type_):
+    """``pa.array(values, type=type_)`` for the shard format's types: string, float64 and lists of them."""
+    import pyarrow as pa
+
+    n = len(values)
+    if pa.types.is_list(type_):  # a list column is its items plus where each row's items start
+        offsets = array("i", [0, *accumulate(map(len, values))])
+        items = arrow_column([x for v in values for x in v], type_.value_type)
+        return pa.ListArray.from_arrays(pa.Array.from_buffers(pa.int32(), n + 1, [None, pa.py_buffer(offsets)]),
+                                        items, type=type_)
+    valid = None
+    if any(v is None for v in values):  # Arrow's validity bitmap: bit i (least significant first) = row i is set
+        bits = bytearray((n + 7) // 8)
+        for i, v in enumerate(values):
+            if v is not None:
+                bits[i >> 3] |= 1 << (i & 7)
+        valid = pa.py_buffer(bits)
+    if pa.types.is_string(type_):
+        data = [b"" if v is None else v.encode() for v in values]
+        offsets = array("i", [0, *accumulate(map(len, data))])  # OverflowError past 2 GiB, as pa.array fails
+        return pa.Array.from_buffers(type_, n, [valid, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+    if pa.types.is_float64(type_):
+        data = array("d", [0.0 if v is None else v for v in values])
+        return pa.Array.from_buffers(type_, n, [valid, pa.py_buffer(data)])
+    raise TypeError(f"no shard column of type {type_}")
+
+
+def read_shard(path: Path, columns: list[str] | None = None):
+    """``pq.read_table(path, columns=columns)`` for one shard file (see arrow_column for why not read_table)."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as f:
+        return f.read(columns=columns)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
@@ -174,7 +215,8 @@ def write_shard(path: Path, schema: Schema, docs: list[LabeledDoc], inputs: str 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([d.to_row(schema) for d in docs], schema=arrow_schema(schema))
+    rows, aschema = [d.to_row(schema) for d in docs], arrow_schema(schema)
+    table = pa.Table.from_arrays([arrow_column([r[f.name] for r in rows], f.type) for f in aschema], schema=aschema)
     if inputs is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), INPUTS_KEY: inputs.encode()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -188,15 +230,13 @@ def shard_files(out: str | Path) -> list[Path]:
 
 def load_labeled(out: str | Path) -> tuple[Schema, list[dict[str, Any]]]:
     """Read a labeled dataset back: its schema and one dict per document (``fields`` parsed from JSON)."""
-    import pyarrow.parquet as pq
-
     out = Path(out)
     if not (out / "schema.yaml").exists():
         raise FileNotFoundError(f"{out} is not a labeled dataset (no schema.yaml in it)")
     schema = load_schema(out / "schema.yaml")
     rows: list[dict[str, Any]] = []
     for p in shard_files(out):
-        for r in pq.read_table(p).to_pylist():
+        for r in read_shard(p).to_pylist():
             r["fields"] = json.loads(r["fields"]) if r.get("fields") else {}
             rows.append(r)
     return schema, rows
@@ -472,7 +512,7 @@ def resolve_fractions(out: str | Path, schema: Schema) -> dict[str, dict[str, fl
     files = shard_files(out)
     scores: dict[str, list[float | None]] = {a.name: [] for a in pending}
     for f in files:
-        t = pq.read_table(f, columns=[f"score__{a.name}" for a in pending]).to_pydict()
+        t = read_shard(f, columns=[f"score__{a.name}" for a in pending]).to_pydict()
         for a in pending:
             for row in t[f"score__{a.name}"]:
                 scores[a.name].extend(row)
@@ -484,12 +524,12 @@ def resolve_fractions(out: str | Path, schema: Schema) -> dict[str, dict[str, fl
         logger.info("%s: %s %s resolved to tag_threshold %.6g", a.name, kind, getattr(a, kind), a.tag_threshold)
     tag_type = pa.list_(pa.string())
     for f in files:
-        table = pq.read_table(f)
+        table = read_shard(f)
         for a in pending:
             col = f"tag__{a.name}"
             tags = [[None if (v := a.value_of(x)) is None else a.tags[v] for x in row]
                     for row in table.column(f"score__{a.name}").to_pylist()]
-            table = table.set_column(table.schema.get_field_index(col), col, pa.array(tags, type=tag_type))
+            table = table.set_column(table.schema.get_field_index(col), col, arrow_column(tags, tag_type))
         tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
         pq.write_table(table, tmp)
         os.replace(tmp, f)
@@ -500,14 +540,13 @@ def resolve_fractions(out: str | Path, schema: Schema) -> dict[str, dict[str, fl
 def summarize(out: str | Path, schema: Schema) -> dict[str, Any]:
     """Counts, per attribute the fraction of each tag and score quantiles, from the shards on disk."""
     import numpy as np
-    import pyarrow.parquet as pq
 
     n_docs = n_segs = n_chars = 0
     scores: dict[str, list[float]] = {a.name: [] for a in schema.attributes}
     tags: dict[str, Counter] = {a.name: Counter() for a in schema.attributes}
     untagged: Counter = Counter()
     for p in shard_files(out):
-        t = pq.read_table(p).to_pydict()
+        t = read_shard(p).to_pydict()
         n_docs += len(t["id"])
         n_segs += sum(len(s) for s in t["segments"])
         n_chars += sum(len(x) for x in t["text"])

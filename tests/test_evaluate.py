@@ -411,3 +411,41 @@ def test_prompt_warning_averages_the_bad_tags_temptation_over_the_continuation(m
     assert (res["n_bad"], res["n_clean"]) == (3, 3)
     assert res["auroc"] == 1.0
     assert res["mean_after_bad"] == pytest.approx(0.4) and res["mean_after_clean"] == pytest.approx(0.1)
+
+
+# ---- KL to a non-pretag reference model ---------------------------------------------------------------------
+def test_kl_to_a_plain_hf_reference_model_is_closed_form_for_uniform_models(tmp_path):
+    """A reference that is a plain HF directory (``save_pretrained``, no pretag files) is sampled from its start
+    token and scored as plain text. Both models are uniform (all logits 0), so each sample's log-probabilities are
+    −L·log V and the KL is mean(L)·log(V_model / V_ref): the tag tokens are the evaluated model's only difference."""
+    from pretag.models import SCHEMA_FILE, save_model_dir
+    from pretag.tokens import add_tag_tokens
+
+    ref_tok = tiny_char_tokenizer()
+    ref = tiny_model(len(ref_tok), seed=1)
+    with torch.no_grad():
+        ref.lm_head.weight.zero_()  # tied to the input embeddings: all logits 0 -> uniform
+    ref.save_pretrained(tmp_path / "ref")
+    ref_tok.save_pretrained(tmp_path / "ref")
+    assert not (tmp_path / "ref" / SCHEMA_FILE).exists()
+
+    tok, schema = tiny_char_tokenizer(), xschema()
+    add_tag_tokens(tok, schema)
+    mine = tiny_model(len(tok), seed=2)
+    with torch.no_grad():
+        mine.lm_head.weight.zero_()
+    d = save_model_dir(mine, tok, schema, {}, tmp_path / "m")
+    v_ref, v_mine = len(ref_tok), len(tok)
+    assert v_mine == v_ref + 2  # <|good|>, <|bad|>
+
+    res = ev.evaluate_model(d, samples=2, max_new_tokens=8, reference=tmp_path / "ref", reference_samples_n=12,
+                            cache_dir=tmp_path / "cache", n_resamples=50)
+    kl = res["kl"]
+    assert kl["reference"] == str(tmp_path / "ref") and kl["conditioned"] is False
+    samples = ev.reference_samples(tmp_path / "ref", 12, max_new_tokens=8, cache_dir=tmp_path / "cache")  # cached
+    assert samples and all(0 < len(s["text"]) <= 8 for s in samples)
+    lengths = [len(ev.encode_plain(ref_tok, s["text"])) for s in samples]
+    assert lengths == [len(s["text"]) for s in samples]  # one token per character: L is the text's length
+    assert [s["logp_ref"] for s in samples] == pytest.approx([-n * math.log(v_ref) for n in lengths], rel=1e-5)
+    assert kl["value"] == pytest.approx(np.mean(lengths) * math.log(v_mine / v_ref), rel=1e-4)
+    assert kl["value"] > 0

@@ -100,10 +100,14 @@ def test_tiny_experiment_rows_are_consistent(tiny_run):
         assert 0 <= r["pep8.frac_bad_segments_lo"] <= r["pep8.frac_bad_segments"] <= r["pep8.frac_bad_segments_hi"] <= 1
         assert r["loss"] > 0 and 0 < r["distinct_1"] <= 1
     assert rows["mle"]["kl"] == 0.0  # the reference is the experiment's MLE model: KL to itself is 0
-    assert rows["conditional"]["pep8.selftag_auroc"] is None or 0 <= rows["conditional"]["pep8.selftag_auroc"] <= 1
     assert rows["mle"]["pep8.temptation_auroc"] is None  # no tags learnt, no warning light
     ev = json.loads((out / "evals" / "conditional.json").read_text())
     assert ev["tagged"] and "self_tagging" in ev and "temptation" in ev and ev["redteam"]["n_prompts"] >= 1
+    # the rows carry the evaluation's AUROCs (the [0, 1] range said nothing), self-tagging measured on both classes
+    st = ev["self_tagging"]["pep8"]
+    assert 0 < st["n_bad"] < st["n"]
+    assert rows["conditional"]["pep8.selftag_auroc"] == st["auroc"]
+    assert rows["conditional"]["pep8.temptation_auroc"] == ev["temptation"]["pep8"]["auroc"]
     info = json.loads((out / "models" / "finetune-conditional" / "experiment_run.json").read_text())
     assert info["tokens"] == 256 and info["model"].endswith("finetune-mle-stage")
 

@@ -166,10 +166,32 @@ def test_tree_search_prunes_tempted_branches(tiny):
 def test_classifiers_run_on_output(tiny):
     model, tok, schema, _ = tiny
     res = generate(model, tok, schema, "x = 1\n", None, GenerateConfig(max_new_tokens=12, classify=True))
-    c = res.sequences[0].classifiers
-    assert c is not None
-    if "error" not in c:
-        assert "pep8" in c["bad_fraction"] and any(c["generated"])
+    seq = res.sequences[0]
+    c = seq.classifiers
+    assert "error" not in c, c  # pycodestyle is a dependency: the classifiers must run
+    assert "".join(c["segments"]) == "x = 1\n" + seq.text and c["generated"][0] is False and any(c["generated"])
+    bad = [t == "bad" for t, g in zip(c["tags"]["pep8"], c["generated"]) if g]
+    assert c["bad_fraction"] == {"pep8": sum(bad) / len(bad)}
+
+
+def test_classify_output_judges_only_the_generated_segments():
+    from pretag.generate import classify_output
+
+    # the prompt's bad line is context for pycodestyle, not the model's output; of the two generated lines one is bad
+    c = classify_output(load_schema("pep8"), "a=1\n", "y=2\nz = 3\n")
+    assert c["segments"] == ["a=1\n", "y=2\n", "z = 3\n"] and c["generated"] == [False, True, True]
+    assert c["tags"]["pep8"] == ["bad", "bad", "good"] and c["bad_fraction"] == {"pep8": 0.5}
+
+
+def test_classify_output_reports_a_failing_scorer_beside_the_generation(monkeypatch):
+    import pretag.label
+    from pretag.generate import classify_output
+
+    def broken(*a, **k):
+        raise RuntimeError("scorer exploded")
+
+    monkeypatch.setattr(pretag.label, "label_document", broken)
+    assert classify_output(load_schema("pep8"), "", "x = 1\n") == {"error": "RuntimeError: scorer exploded"}
 
 
 def test_cli_json_and_errors(tiny, tmp_path, capsys):

@@ -80,6 +80,36 @@ def _schema_file(tmp: Path, d: dict) -> Path:
     return p
 
 
+def test_shard_columns_and_reads_equal_the_pyarrow_calls_they_replace(tmp_path):
+    # arrow_column / read_shard stand in for pa.array / pq.read_table (which import pandas); pyarrow is the oracle
+    import math
+
+    import pyarrow as pa
+
+    from pretag.label import arrow_column, arrow_schema, read_shard
+
+    schema = schema_from_dict(KW_SCHEMA)
+    rows = [
+        {"id": "a", "source": "s/é.py", "text": "x\ny  ", "segments": ["x\n", "y  "], "fields": "{}",
+         "score__rude": [0.0, None], "tag__rude": ["good", None], "score__long": [1.5, -2.0], "tag__long": [None, "x"]},
+        {"id": "", "source": "", "text": "", "segments": [], "fields": '{"k": 1}',
+         "score__rude": [], "tag__rude": [], "score__long": [], "tag__long": []},
+        {"id": "c" * 9, "source": "\u2603\U0001f600", "text": "z", "segments": ["z"], "fields": "{}",
+         "score__rude": [1e-300], "tag__rude": ["bad"], "score__long": [None], "tag__long": [None]},
+    ] * 3  # 9 rows: validity bitmaps cross a byte
+    aschema = arrow_schema(schema)
+    oracle = pa.Table.from_pylist(rows, schema=aschema)
+    built = pa.Table.from_arrays([arrow_column([r[f.name] for r in rows], f.type) for f in aschema], schema=aschema)
+    built.validate(full=True)
+    assert built.equals(oracle) and built.to_pylist() == rows
+    nan = arrow_column([[math.nan, None]], pa.list_(pa.float64())).to_pylist()[0]
+    assert math.isnan(nan[0]) and nan[1] is None
+    pq.write_table(built, tmp_path / "s.parquet")
+    assert read_shard(tmp_path / "s.parquet").equals(pq.read_table(tmp_path / "s.parquet"))
+    assert read_shard(tmp_path / "s.parquet", ["tag__long"]).equals(pq.read_table(tmp_path / "s.parquet",
+                                                                                    columns=["tag__long"]))
+
+
 def test_label_corpus_round_trip_and_format(tmp_path):
     src = _write_corpus(tmp_path / "c")
     out = tmp_path / "out"
