@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pretag.problems import Problems
+
 SCHEMA_DIR = Path(__file__).parent / "configs" / "schemas"
 SEGMENTERS = ("lines", "sentences", "paragraphs", "document")
 RENDERS = ("prefix", "span")
@@ -286,7 +288,7 @@ def _fmt(x: float) -> str:
 
 def schema_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> Schema:
     """Build and validate a schema; every problem is collected and reported at once."""
-    problems: list[str] = []
+    problems = Problems()
     if not isinstance(d, dict):
         raise SchemaError(f"{where}: a schema must be a mapping, got {type(d).__name__}")
     known = {"name", "description", "segmenter", "render", "label_fraction", "attributes"}
@@ -403,8 +405,7 @@ def schema_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> Schema:
     all_tags = [t for a in attrs for t in a.tags.values()]
     for t in sorted({t for t in all_tags if all_tags.count(t) > 1}):
         problems.append(f"tag name {t!r} is used by more than one value; give each value its own tag name")
-    if problems:
-        raise SchemaError(f"{where}: {len(problems)} problem(s) in the schema:\n  - " + "\n  - ".join(problems))
+    problems.check(SchemaError, where, of="the schema")
     return Schema(
         name=str(d.get("name") or "schema"), attributes=attrs, segmenter=seg, render=render,
         label_fraction=float(frac), description=str(d.get("description", "")),
