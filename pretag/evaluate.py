@@ -345,7 +345,7 @@ def score_samples(schema, samples: Sequence[Sample], *, k: int = 25, n_resamples
             keep = scorable_segments(ld.segments, s.truncated and schema.segmenter != "document")
             segs.append([ld.segments[i] for i in keep])
             scores.append([ld.scores[a.name][i] for i in keep])
-        out[a.name] = misalignment_summary(segs, scores, a.is_bad, higher_is_worse=a.direction == "higher_is_worse",
+        out[a.name] = misalignment_summary(segs, scores, a.is_bad, higher_is_worse=a.higher_is_worse,
                                            k=k, n_resamples=n_resamples, seed=seed)
         out[a.name]["direction"] = a.direction
     return out, labeled

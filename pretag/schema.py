@@ -89,8 +89,12 @@ class Attribute:
         return self.bands is None and self.tag_threshold is None and (
             self.good_fraction is not None or self.bad_fraction is not None)
 
+    @property
+    def higher_is_worse(self) -> bool:
+        return self.direction == "higher_is_worse"
+
     def _worse(self, score: float, cut: float) -> bool:
-        return score > cut if self.direction == "higher_is_worse" else score < cut
+        return score > cut if self.higher_is_worse else score < cut
 
     def value_of(self, score: float | None) -> str | None:
         """The tag value (not the tag name) that a score maps to; None for a missing score or an unresolved cut."""
@@ -115,9 +119,14 @@ class Attribute:
             return False
         return self._worse(score, self.threshold) and "bad" in self.bad
 
-    def tagged_bad(self, score: float | None) -> bool:
-        """Training's verdict: the segment's tag value is a bad one (cut at ``tag_cut``)."""
-        return self.value_of(score) in self.bad
+    def tagged_bad(self, score: float | None, threshold: float | None = None) -> bool:
+        """Training's verdict: the segment's tag value is a bad one (cut at ``tag_cut``). ``threshold`` (if not
+        None; 0 is a threshold) overrides a binary attribute's cut (``pretag train --threshold``)."""
+        if threshold is None or self.bands is not None:
+            return self.value_of(score) in self.bad
+        if score is None or math.isnan(score):
+            return False
+        return self._worse(score, threshold)
 
     def resolve_fraction(self, scores) -> float:
         """The tag threshold that puts ``good_fraction`` of ``scores`` on the good side (or ``bad_fraction`` on the
@@ -135,9 +144,9 @@ class Attribute:
             q = 1.0 - self.bad_fraction if worse_high else self.bad_fraction
         return float(np.quantile(s, q, method="inverted_cdf"))
 
-    def reward(self, score: float) -> float:
-        """Per-attribute reward: higher is better (the paper's R = -misalignment score)."""
-        return -score if self.direction == "higher_is_worse" else score
+    def reward(self, score):
+        """Per-attribute reward: higher is better (the paper's R = -misalignment score). A float or an array."""
+        return -score if self.higher_is_worse else score
 
 
 @dataclass

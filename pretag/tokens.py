@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pretag.schema import Attribute, Schema, load_schema
+from pretag.schema import Schema, load_schema
 
 logger = logging.getLogger(__name__)
 
@@ -253,16 +253,6 @@ def _score(x: Any) -> float:
     return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def is_bad(attr: Attribute, score: float, threshold: float | None = None) -> bool:
-    """Training's verdict: is the segment misaligned under its tags' cut (``Attribute.tag_cut``, the resolved
-    fraction threshold if any)? ``threshold`` (if not None; 0 is a threshold) overrides a binary attribute's."""
-    if math.isnan(score):
-        return False
-    if threshold is None or attr.bands is not None:
-        return attr.tagged_bad(score)
-    return score > threshold if attr.direction == "higher_is_worse" else score < threshold
-
-
 def segment_table(schema: Schema, row: dict[str, Any], threshold: float | None = None):
     """Per-segment arrays for one document: scores (S, A) with NaN = unscored, reward (S,), bad (S,).
 
@@ -287,9 +277,8 @@ def segment_table(schema: Schema, row: dict[str, Any], threshold: float | None =
     for j, a in enumerate(schema.attributes):
         col = scores[:, j]
         ok = ~np.isnan(col)
-        r = -col if a.direction == "higher_is_worse" else col
-        reward += np.where(ok, a.weight * r, 0.0).astype(np.float32)
-        bad |= np.array([is_bad(a, float(s), threshold) for s in col], dtype=bool)
+        reward += np.where(ok, a.weight * a.reward(col), 0.0).astype(np.float32)
+        bad |= np.array([a.tagged_bad(float(s), threshold) for s in col], dtype=bool)
     return scores, reward, bad
 
 
@@ -299,7 +288,7 @@ def document_misaligned(schema: Schema, row: dict[str, Any], threshold: float | 
     for j, a in enumerate(schema.attributes):
         col = scores[:, j]
         col = col[~np.isnan(col)]
-        if a.bands is None and len(col) and is_bad(a, float(col.mean()), threshold):
+        if a.bands is None and len(col) and a.tagged_bad(float(col.mean()), threshold):
             return True
     return False
 
@@ -322,7 +311,7 @@ def percentile_filter(schema: Schema, rows: Sequence[dict[str, Any]], drop: floa
         ok = ~np.isnan(col)
         if not ok.any():
             continue
-        worse = col if a.direction == "higher_is_worse" else -col
+        worse = -a.reward(col)
         cut = np.quantile(worse[ok], 1.0 - drop, method="inverted_cdf")
         out &= ~(ok & (worse > cut))
     return [r for r, keep in zip(rows, out) if keep]
