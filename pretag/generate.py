@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from pretag.control import ACTION_NAMES, BANNED, AlarmStop, StepInfo, TagPolicy, TagProcessor, load_policy
 from pretag.schema import Schema
+from pretag.tokens import TagVocab, pad_id
 
 logger = logging.getLogger(__name__)
 DEFAULT_THRESHOLDS = (0.1, 0.5)
@@ -108,12 +108,6 @@ class GenerationResult:
 
 
 # ---- prompts -----------------------------------------------------------------------------------------------------
-def _encode(tokenizer, text: str) -> list[int]:
-    from pretag.tokens import encode_text
-
-    return encode_text(tokenizer, text) if text else []
-
-
 def start_tag(schema: Schema, policy: TagPolicy, attr) -> str:
     """The tag a prompt starts with for ``attr``: the forced one, else the first allowed value that is not bad."""
     tags = [attr.tags[v] for v in attr.values]
@@ -126,41 +120,30 @@ def start_tag(schema: Schema, policy: TagPolicy, attr) -> str:
 
 
 def prompt_ids(tokenizer, schema: Schema, policy: TagPolicy, prompt: str) -> list[int]:
-    """Token ids of a prompt rendered as training rendered documents (tags inserted by id, text tag-safe)."""
-    from pretag.segment import segment
-
-    tid = tokenizer.convert_tokens_to_ids
-    doc_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = [doc_start] if doc_start is not None else []
+    """Token ids of a prompt rendered as training rendered documents (tags inserted by id, text tag-safe), each
+    attribute opened with the policy's :func:`start_tag` (``pretag.tokens.TagVocab.prompt_ids``)."""
     force_at = policy.resolved_force_at(schema)
-    if force_at == "none":
-        return ids + _encode(tokenizer, prompt)
-    ids += [tid(schema.open_token(start_tag(schema, policy, a))) for a in schema.document_attributes]
-    seg_tags = [tid(schema.open_token(start_tag(schema, policy, a))) for a in schema.segment_attributes]
-    if schema.render == "span":
-        return ids + seg_tags + _encode(tokenizer, prompt)
-    for i, s in enumerate(segment(prompt, schema.segmenter)):
-        if i == 0 or force_at == "segment":
-            ids += seg_tags
-        ids += _encode(tokenizer, s)
-    return ids
+    tags = None if force_at == "none" else {a.name: start_tag(schema, policy, a) for a in schema.attributes}
+    return TagVocab(tokenizer, schema).prompt_ids(prompt, tags, every_segment=force_at == "segment")
 
 
 class ContextLengthError(ValueError):
     """The prompt and the tokens asked for do not fit in the model's context (positions past it do not exist)."""
 
 
-def context_limit(model_or_config) -> int | None:
-    """How many positions the model has (GPT-2 ``n_positions``, Llama ``max_position_embeddings``); None when its
-    config does not say."""
+def context_limit(model_or_config, default: int | None = None) -> int | None:
+    """How many positions the model has (GPT-2 ``n_positions``, Llama ``max_position_embeddings``), from a model,
+    its config or a ``config.json`` mapping; ``default`` when the config does not say. The one reading of it:
+    generation, evaluation and the server all check prompts against this number."""
     cfg = getattr(model_or_config, "config", model_or_config)
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
+    get = cfg.get if isinstance(cfg, dict) else lambda name: getattr(cfg, name, None)
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        v = getattr(cfg, name, None)
+        v = get(name)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
-    return None
+    return default
 
 
 def check_context(model, prompt_tokens: int, max_new_tokens: int, *, what: str = "prompt") -> None:
@@ -236,8 +219,7 @@ class GenerateConfig:
 def _hf_kwargs(cfg: GenerateConfig, tokenizer) -> dict[str, Any]:
     kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
                               num_return_sequences=cfg.n, do_sample=cfg.sampling(),
-                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                              else tokenizer.eos_token_id,
+                              pad_token_id=pad_id(tokenizer),
                               eos_token_id=tokenizer.eos_token_id if cfg.stop_at_eos else None)
     if cfg.sampling():
         kw.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
@@ -265,7 +247,7 @@ def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
                                      num_beams=cfg.num_beams, callback=callback)
     proc.reset()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rendered = {p: prompt_ids(tokenizer, schema, policy, p) for p in dict.fromkeys(prompts)}
     check_context(model, max(len(r) for r in rendered.values()), cfg.max_new_tokens)
     ids, mask = _left_pad([rendered[p] for p in prompts], pad)
@@ -301,29 +283,6 @@ def replay(model, tokenizer, schema: Schema, policy: TagPolicy | str | None, seq
     return proc
 
 
-_TOKEN_TEXT: dict[int, tuple[Any, int, dict[int, str]]] = {}
-
-
-def _token_text(tokenizer) -> Callable[[int], str]:
-    """``tokenizer.decode([id], skip_special_tokens=False)``, memoised per tokenizer (a decode costs ~2.5 us, and
-    a batch of 32 x 64 tokens would pay it 2048 times per call)."""
-    hit = _TOKEN_TEXT.get(id(tokenizer))
-    if hit is None or hit[0]() is not tokenizer or hit[1] != len(tokenizer):
-        if len(_TOKEN_TEXT) > 16:
-            _TOKEN_TEXT.clear()
-        hit = (weakref.ref(tokenizer), len(tokenizer), {})
-        _TOKEN_TEXT[id(tokenizer)] = hit
-    cache = hit[2]
-
-    def text(tid: int) -> str:
-        t = cache.get(tid)
-        if t is None:
-            t = cache[tid] = tokenizer.decode([tid], skip_special_tokens=False)
-        return t
-
-    return text
-
-
 def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, start: int, prompts: list[str],
              cfg: GenerateConfig) -> list[SequenceResult]:
     """Per-sequence results from the processor's stacked records. Everything is converted to Python lists once
@@ -334,7 +293,7 @@ def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, s
     eos = tokenizer.eos_token_id
     rules = proc.policy.rules
     stop_rules = [r for r, rule in enumerate(rules) if rule.action == "stop"]
-    text_of = _token_text(tokenizer)
+    text_of = TagVocab(tokenizer, schema).text
     steps = rec["temptation"].shape[1] if rec["temptation"] is not None else 0
     temps = rec["temptation"].tolist() if steps else []
     acts = rec["action"].tolist() if steps else []

@@ -211,6 +211,15 @@ class Schema:
         return [a for a in self.attributes if a.level == "document"]
 
     # ---- rendering ----------------------------------------------------------------------------------------
+    def row_tags(self, row: dict[str, Any]) -> dict[str, list[str | None]]:
+        """The per-attribute tag lists of a labeled row (docs/CONTRACTS.md), the ``tags`` of :meth:`render_pieces`;
+        a missing column is untagged."""
+        out = {}
+        for a in self.attributes:
+            n = 1 if a.level == "document" else len(row["segments"])
+            out[a.name] = list(row.get(f"tag__{a.name}") or [None] * n)
+        return out
+
     def render_pieces(self, segments: list[str], tags: dict[str, list[str | None]]) -> list[Piece]:
         """Interleave text and tag pieces for one document.
 

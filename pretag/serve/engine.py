@@ -19,6 +19,7 @@ from transformers import StoppingCriteria
 
 from pretag.control import TagPolicy, TagProcessor
 from pretag.schema import Schema
+from pretag.tokens import TagVocab
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ class Engine:
         merge(self.operator, RequestPolicy(), schema)  # a floor whose switch lifts its own bans fails here, once
         self.name = name
         self.device = str(next(model.parameters()).device)
-        self.context_length = int(getattr(model.config, "n_positions", None)
-                                  or getattr(model.config, "max_position_embeddings", None) or 2048)
-        self.doc_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        from pretag.generate import context_limit
+
+        self.context_length = context_limit(model, 2048)
+        self.vocab = TagVocab(tokenizer, schema)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, policy: str | Path | None = None, device: str | None = None) -> Engine:
@@ -96,8 +98,8 @@ class Engine:
             vals, ids = logprobs.topk(top)
             for v, i in zip(vals.tolist(), ids.tolist()):
                 if math.isfinite(v):
-                    alts.setdefault(self.tokenizer.decode([i], skip_special_tokens=False), v)
-        return {"token": self.tokenizer.decode([tid], skip_special_tokens=False),
+                    alts.setdefault(self.vocab.text(i), v)
+        return {"token": self.vocab.text(tid),
                 "logprob": chosen if math.isfinite(chosen) else None, "top_logprobs": alts}
 
     def generate(self, prompt: str, policy: TagPolicy, params: GenParams,
@@ -180,9 +182,8 @@ class _EventStreamer:
         self.text = ""
         self.events: list[dict[str, Any]] = []
         self.alarms: list[dict[str, Any]] = []
-        tok, schema = engine.tokenizer, engine.schema
-        self.tag_of_id = {tok.convert_tokens_to_ids(schema.open_token(t)): t for t in schema.tag_names}
-        self.cols = {t: proc.slot_of_tag(t) for t in schema.tag_names}
+        self.tag_of_id = engine.vocab.tag_of_id
+        self.cols = {t: proc.slot_of_tag(t) for t in engine.schema.tag_names}
         self.n_operator_rules = len(engine.operator.rules)
 
     def put(self, value) -> None:

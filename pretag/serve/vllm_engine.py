@@ -31,6 +31,7 @@ from typing import Any
 from pretag.control import TagPolicy, TagProcessor
 from pretag.schema import Schema
 from pretag.serve.engine import Engine, GenParams, _EventStreamer, _LogprobProcessor, load_operator_policy
+from pretag.tokens import TagVocab
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ def load_llm(model_dir: str | Path, *, kv_cache_gib: int = 1):
 
 
 def _context_length(model_dir: str | Path) -> int:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 2048)
+    from pretag.generate import context_limit
+
+    return context_limit(json.loads((Path(model_dir) / "config.json").read_text()), 2048)
 
 
 class VllmEngine(Engine):
@@ -145,7 +147,7 @@ class VllmEngine(Engine):
         self.operator.validate(schema)
         merge(self.operator, RequestPolicy(), schema)
         self.name, self.device, self.context_length = name, "vllm:cpu", context_length
-        self.doc_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.vocab = TagVocab(tokenizer, schema)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, policy: str | Path | None = None, device: str | None = None
