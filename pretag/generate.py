@@ -4,8 +4,8 @@
 then per segment its tags and text), runs HF ``generate`` with the processor and an :class:`AlarmStop`, and turns
 the processor's records into per-token results: each tag's temptation, what the policy did, the alarms raised,
 a summary, and optionally the schema's scorers run on the output ("run your classifiers on the model's output").
-``stream`` yields tokens with their temptation as they are generated; ``tree_search`` drops sampled branches whose
-temptation crosses a threshold and continues from the survivors.
+``stream`` yields tokens with their temptation as they are generated. Pruned tree search is in ``pretag.search``,
+the terminal view in ``pretag.display``.
 """
 
 from __future__ import annotations
@@ -410,20 +410,40 @@ class StreamToken:
     banned: list[str]
 
 
-class _QueueStreamer:
-    """HF streamer: the first ``put`` is the prompt; then one (batch,) tensor of new ids per step."""
+class TokenStreamer:
+    """The HF streamer protocol (``put``/``end``), once: ``generate`` ``put``s the prompt first, then a (batch,)
+    tensor of new ids per step; each new id goes to :meth:`token`. HF calls the processor for step t (which
+    records the temptation), samples, then ``put``s token t, so in ``token`` the processor's last record is this
+    token's step. Subclasses say what a token becomes (:class:`TokenStream`'s queue, the server's events)."""
 
     def __init__(self):
-        self.q: queue.Queue = queue.Queue()
-        self.seen_prompt = False
+        self.prompt_seen = False
 
-    def put(self, value):
-        if not self.seen_prompt:
-            self.seen_prompt = True
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
             return
-        self.q.put(int(value.reshape(-1)[0]))
+        for tid in value.reshape(-1).tolist():
+            self.token(int(tid))
 
-    def end(self):
+    def token(self, tid: int) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        pass
+
+
+class _QueueStreamer(TokenStreamer):
+    """Hands each new id (None at the end) to the consumer's thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.q: queue.Queue = queue.Queue()
+
+    def token(self, tid: int) -> None:
+        self.q.put(tid)
+
+    def end(self) -> None:
         self.q.put(None)
 
 
@@ -441,7 +461,7 @@ class TokenStream:
         self._streamer = _QueueStreamer()
         self._proc = TagProcessor(tokenizer, schema, load_policy(policy, schema),
                                   repetition_penalty=cfg.repetition_penalty, callback=callback)
-        self._tok = tokenizer
+        self._text = TagVocab(tokenizer, schema).text
 
         def work():
             try:
@@ -459,7 +479,7 @@ class TokenStream:
         while (tid := self._streamer.q.get()) is not None:
             temp = self._proc.temptations[k][0].tolist()
             act = self._proc.actions[k][0].tolist()
-            yield StreamToken(k, tid, self._tok.decode([tid], skip_special_tokens=False),
+            yield StreamToken(k, tid, self._text(tid),
                               dict(zip(slots, temp)), bool(self._proc.forced[k][0]),
                               [s for s, a in zip(slots, act) if a == BANNED])
             k += 1
@@ -471,115 +491,3 @@ class TokenStream:
 def stream(model, tokenizer, schema: Schema, prompt: str, policy=None, config: GenerateConfig | None = None,
            callback=None) -> TokenStream:
     return TokenStream(model, tokenizer, schema, prompt, policy, config, callback)
-
-
-# ---- pruned tree search ------------------------------------------------------------------------------------------
-def tree_search(model, tokenizer, schema: Schema, prompt: str, policy=None, config: GenerateConfig | None = None, *,
-                tau: float = 0.5, chunk: int = 8, watch: Sequence[str] | None = None) -> GenerationResult:
-    """Sample ``n`` branches ``chunk`` tokens at a time; a branch whose temptation toward a watched tag (default:
-    the banned tags) crosses ``tau`` is dropped and replaced by a copy of a surviving branch, which then diverges
-    by sampling. If every branch crosses, the least tempted one survives. Results are sorted, least tempted first;
-    ``settings["tree"]`` logs how many branches were pruned per round."""
-    cfg = config or GenerateConfig(n=4)
-    cfg.validate()
-    if chunk < 1 or not 0 <= tau <= 1:
-        raise ValueError(f"tree search needs chunk >= 1 and tau in [0, 1], got chunk={chunk}, tau={tau}")
-    policy = load_policy(policy, schema)
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-    watched = [schema.open_token(t) for t in (watch if watch is not None else policy.ban)] or \
-              [schema.open_token(a.tags[v]) for a in schema.attributes for v in a.bad]
-    eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    base = prompt_ids(tokenizer, schema, policy, prompt)
-    check_context(model, len(base), cfg.max_new_tokens)
-    live: list[tuple[list[int], list[TokenRecord]]] = [(list(base), []) for _ in range(cfg.n)]
-    done: list[tuple[list[int], list[TokenRecord]]] = []
-    log = []
-    made = 0
-    step_cfg = GenerateConfig(**{**asdict(cfg), "n": 1, "do_sample": True, "seed": None, "classify": False})
-    while live and made < cfg.max_new_tokens:
-        step_cfg.max_new_tokens = min(chunk, cfg.max_new_tokens - made)
-        proc = TagProcessor(tokenizer, schema, policy, repetition_penalty=cfg.repetition_penalty)
-        ids = torch.tensor([b[0] for b in live], device=device)
-        from pretag.interpret.hooks import ablation
-
-        with torch.no_grad(), ablation(model, tokenizer, schema, cfg.ablate_direction):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[proc],
-                                 stopping_criteria=[AlarmStop(proc)], **_hf_kwargs(step_cfg, tokenizer))
-        seqs = _results(proc, tokenizer, schema, out.cpu(), ids.shape[1], [prompt] * len(live), step_cfg)
-        made += step_cfg.max_new_tokens
-        peak = [max((t.temptation[w] for t in s.tokens for w in watched), default=0.0) for s in seqs]
-        branches = [(live[i][0] + [t.id for t in s.tokens], live[i][1] + s.tokens) for i, s in enumerate(seqs)]
-        keep = [i for i, p in enumerate(peak) if p <= tau]
-        if not keep:
-            keep = [min(range(len(peak)), key=peak.__getitem__)]
-        log.append({"round": len(log), "live": len(live), "pruned": len(live) - len(keep),
-                    "peak": [round(p, 4) for p in peak]})
-        survivors = []
-        for i in keep:
-            b = branches[i]
-            (done if (b[1] and b[1][-1].id == eos) or seqs[i].stopped_by_alarm else survivors).append(b)
-        want = cfg.n - len(done)
-        live = [(list(survivors[j % len(survivors)][0]), list(survivors[j % len(survivors)][1]))
-                for j in range(want)] if survivors and want > 0 else []
-    done += live
-    proc = TagProcessor(tokenizer, schema, policy)
-    results = []
-    for _ids, toks in done[: cfg.n]:
-        text_ids = [t.id for t in toks if not t.is_tag and t.id != eos]
-        results.append(SequenceResult(
-            prompt=prompt, text=tokenizer.decode(text_ids), tokens=toks,
-            rendered=tokenizer.decode([t.id for t in toks if t.id != eos], skip_special_tokens=False),
-            alarms=[], summary=summarize(toks, proc.slots, cfg.thresholds),
-            classifiers=classify_output(schema, prompt, tokenizer.decode(text_ids)) if cfg.classify else None))
-    watched_peak = [max((t.temptation[w] for t in s.tokens for w in watched), default=0.0) for s in results]
-    results = [r for _, r in sorted(zip(watched_peak, results), key=lambda x: x[0])]
-    settings = {k: v for k, v in asdict(cfg).items() if k != "thresholds"}
-    settings["tree"] = {"tau": tau, "chunk": chunk, "watch": watched, "rounds": log}
-    return GenerationResult(results, policy.to_dict(), schema.name, settings)
-
-
-# ---- terminal view -----------------------------------------------------------------------------------------------
-def _colour(p: float) -> str:
-    if p >= 0.5:
-        return "\x1b[1;31m"  # bold red
-    if p >= 0.2:
-        return "\x1b[31m"
-    if p >= 0.05:
-        return "\x1b[33m"
-    return "\x1b[32m"
-
-
-def render_terminal(seq: SequenceResult, colour: bool = True) -> str:
-    """The generation with each token coloured by its highest temptation toward a banned tag (green < 0.05,
-    yellow < 0.2, red < 0.5, bold red >= 0.5); tag tokens are shown in cyan."""
-    parts = []
-    for t in seq.tokens:
-        if not colour:
-            parts.append(t.text)
-        elif t.is_tag:
-            parts.append(f"\x1b[36m{t.text}\x1b[0m")
-        else:
-            parts.append(f"{_colour(t.max_banned_temptation)}{t.text}\x1b[0m")
-    return "".join(parts)
-
-
-def format_trace(seq: SequenceResult, colour: bool = True) -> str:
-    """The terminal view of one monitored generation: coloured tokens, per-tag temptation summary, alarms and the
-    output classifiers' verdict (``pretag generate --show-temptation`` and the demo)."""
-    lines = [seq.prompt + render_terminal(seq, colour=colour)]
-    if seq.summary:
-        thresholds = ", ".join(next(iter(seq.summary.values()))["first_above"])
-        lines.append(f"temptation (max / mean / first step above {thresholds}):")
-        for tag, s in seq.summary.items():
-            firsts = ", ".join(str(v) for v in s["first_above"].values())
-            lines.append(f"  {tag:>16}  {s['max']:.3f} / {s['mean']:.3f}  first above: {firsts}")
-    lines += [f"  ALARM {a.rule} ({a.action}) at token {a.step} {a.token!r}" for a in seq.alarms]
-    if seq.classifiers:
-        if "error" in seq.classifiers:
-            lines.append(f"  output classifiers: {seq.classifiers['error']}")
-        else:
-            lines.append("  output classifiers, bad fraction of generated segments: " + ", ".join(
-                f"{k}={'-' if v is None else f'{v:.2f}'}" for k, v in seq.classifiers["bad_fraction"].items()))
-    return "\n".join(lines)

@@ -32,8 +32,8 @@ def run(args) -> int:
 
     from pretag.cli import UserError, print_json
     from pretag.demo import CHECKPOINTS, DemoConfig, run_demo
+    from pretag.display import format_trace
     from pretag.experiment import markdown_table
-    from pretag.generate import format_trace
 
     if args.samples < 2 or args.max_new_tokens < 1:
         raise UserError("--samples must be >= 2 and --max-new-tokens >= 1")

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import StoppingCriteria
 
 from pretag.control import TagPolicy, TagProcessor
+from pretag.generate import TokenStreamer
 from pretag.schema import Schema
 from pretag.tokens import TagVocab
 
@@ -168,16 +169,13 @@ class _Cancel(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.cancelled(), dtype=torch.bool, device=input_ids.device)
 
 
-class _EventStreamer:
-    """An HF streamer (``put``/``end``): each new token becomes an event with the processor's record for its step.
-
-    HF calls the processor for step t (which records the temptation), samples, then ``put``s token t, so at
-    ``put`` time the processor's last record is this token's step.
-    """
+class _EventStreamer(TokenStreamer):
+    """Each new token becomes an event with the processor's record for its step (``pretag.generate.TokenStreamer``:
+    at ``token`` time the processor's last record is this token's step). The vLLM engine calls ``token`` itself."""
 
     def __init__(self, engine: Engine, proc, policy: TagPolicy, on_token: Callable[[dict[str, Any]], None]):
+        super().__init__()
         self.engine, self.proc, self.policy, self.on_token = engine, proc, policy, on_token
-        self.prompt_seen = False
         self.ids: list[int] = []
         self.text = ""
         self.events: list[dict[str, Any]] = []
@@ -186,17 +184,7 @@ class _EventStreamer:
         self.cols = {t: proc.slot_of_tag(t) for t in engine.schema.tag_names}
         self.n_operator_rules = len(engine.operator.rules)
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        for tid in value.reshape(-1).tolist():
-            self._token(int(tid))
-
-    def end(self) -> None:
-        pass
-
-    def _token(self, tid: int) -> None:
+    def token(self, tid: int) -> None:
         step = len(self.ids)
         if step >= len(self.proc.temptations):  # defensive: a token the processor never saw is not ours to send
             return

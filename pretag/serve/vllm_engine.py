@@ -186,7 +186,7 @@ class VllmEngine(Engine):
                         continue
                     new = list(out.outputs[0].token_ids)[seen:]
                     for tid in new:
-                        streamer._token(int(tid))
+                        streamer.token(int(tid))
                     seen += len(new)
                     if out.finished:
                         reason = "stop" if out.outputs[0].finish_reason == "stop" else "length"
