@@ -132,10 +132,8 @@ class Engine:
             reason = "stop"
         else:
             reason = "length"
-        peak = {t: max((e["temptation"].get(t, 0.0) for e in streamer.events), default=0.0)
-                for t in self.schema.tag_names}
         return {"text": seq.text, "rendered": seq.rendered, "n_tokens": len(streamer.events),
-                "finish_reason": reason, "alarms": streamer.alarms, "max_temptation": peak,
+                "finish_reason": reason, "alarms": streamer.alarms, "max_temptation": streamer.peak(),
                 "model_s": round(time.perf_counter() - t0, 6)}
 
 
@@ -183,6 +181,10 @@ class _EventStreamer(TokenStreamer):
         self.tag_of_id = engine.vocab.tag_of_id
         self.cols = {t: proc.slot_of_tag(t) for t in engine.schema.tag_names}
         self.n_operator_rules = len(engine.operator.rules)
+
+    def peak(self) -> dict[str, float]:
+        """Per tag, the highest temptation over the tokens sent so far (0 before any)."""
+        return {t: max((e["temptation"].get(t, 0.0) for e in self.events), default=0.0) for t in self.cols}
 
     def token(self, tid: int) -> None:
         step = len(self.ids)

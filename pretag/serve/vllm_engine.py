@@ -199,11 +199,9 @@ class VllmEngine(Engine):
             ROWS.pop(key, None)
         if cancelled():
             reason = "cancelled"
-        peak = {t: max((e["temptation"].get(t, 0.0) for e in streamer.events), default=0.0)
-                for t in self.schema.tag_names}
         shown = [e["id"] for e in streamer.events if e["id"] != self.tokenizer.eos_token_id]
         slot_ids = set(proc.slot_ids)
         text = self.tokenizer.decode([i for i in shown if i not in slot_ids], skip_special_tokens=False)
         rendered = self.tokenizer.decode(shown, skip_special_tokens=False)
         return {"text": text, "rendered": rendered, "n_tokens": len(streamer.events), "finish_reason": reason,
-                "alarms": streamer.alarms, "max_temptation": peak, "model_s": round(time.perf_counter() - t0, 6)}
+                "alarms": streamer.alarms, "max_temptation": streamer.peak(), "model_s": round(time.perf_counter() - t0, 6)}
