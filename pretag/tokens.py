@@ -279,6 +279,26 @@ class RenderedDoc:
 
 
 _TOKEN_TEXT: dict[int, tuple[Any, int, dict[int, str]]] = {}
+_TAG_TABLES: dict[tuple[int, int, int], tuple[Any, Any, tuple[dict, dict, dict]]] = {}
+
+
+def _tag_tables(tokenizer, schema: Schema) -> tuple[dict[str, int], dict[str, int], dict[int, str]]:
+    """(tag token -> id, tag name -> open id, open id -> tag name), memoised per tokenizer (and its length: adding
+    tokens makes new tables) and schema: generation builds a TagVocab per call, and looking up a dozen tag tokens
+    costs ~100 us. A schema's tags never change after ``schema_from_dict``."""
+    import weakref
+
+    key = (id(tokenizer), len(tokenizer), id(schema))
+    hit = _TAG_TABLES.get(key)
+    if hit is not None and hit[0]() is tokenizer and hit[1]() is schema:
+        return hit[2]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
+    open_id = {t: ids[schema.open_token(t)] for t in schema.tag_names}
+    tables = (ids, open_id, {i: t for t, i in open_id.items()})
+    if len(_TAG_TABLES) > 16:
+        _TAG_TABLES.clear()
+    _TAG_TABLES[key] = (weakref.ref(tokenizer), weakref.ref(schema), tables)
+    return tables
 
 
 class TagVocab:
@@ -302,15 +322,21 @@ class TagVocab:
 
     def __init__(self, tokenizer, schema: Schema):
         self.tokenizer, self.schema = tokenizer, schema
-        self.start_id = document_start_id(tokenizer)
-        self.eos_id: int | None = tokenizer.eos_token_id
-        self.pad_id = pad_id(tokenizer)
-        self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
-        """Tag token string (open and, for spans, close) -> id."""
-        self.open_id = {t: self.ids[schema.open_token(t)] for t in schema.tag_names}
-        """Tag name -> the id of its opening token."""
-        self.tag_of_id = {i: t for t, i in self.open_id.items()}
-        """Opening tag id -> tag name."""
+        self.ids, self.open_id, self.tag_of_id = _tag_tables(tokenizer, schema)
+        """Tag token string (open and, for spans, close) -> id; tag name -> the id of its opening token; opening
+        tag id -> tag name. Shared: never modify them."""
+
+    @property
+    def start_id(self) -> int | None:
+        return document_start_id(self.tokenizer)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return pad_id(self.tokenizer)
 
     def checked(self) -> TagVocab:
         """Self, or ValueError when the tokenizer lacks some tag token (see :func:`add_tag_tokens`)."""
@@ -378,7 +404,7 @@ class TagVocab:
         whole prompt, and leave them open. ``start_tags=None``: no tags, the prompt as one text piece."""
         from pretag.segment import segment
 
-        start = [self.start_id] if self.start_id is not None else []
+        start = [] if (first := self.start_id) is None else [first]
         if start_tags is None:
             return start + self.encode(prompt)
         schema = self.schema
