@@ -166,7 +166,7 @@ def upgrade_tokenizer_config(directory: str | Path) -> bool:
 def tag_ids(tokenizer, schema: Schema) -> dict[str, int]:
     """Tag token string -> id, always derived from the schema (never written down as numbers); ValueError when
     the tokenizer lacks one."""
-    return TagVocab(tokenizer, schema).checked().ids
+    return dict(TagVocab(tokenizer, schema).checked().ids)
 
 
 def text_problem(text: Any, what: str = "text") -> str | None:
