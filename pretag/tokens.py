@@ -306,8 +306,8 @@ class TagVocab:
     and rendering of documents and prompts into ids exactly as training rendered them.
 
     Tags are structure, never text: :meth:`render` inserts tag pieces by id (from the schema) and encodes text
-    pieces tag-safe (:func:`encode_texts`). Building one is cheap (a dict of the schema's tag tokens), so callers
-    make one where they need it rather than pass it around.
+    pieces tag-safe (:func:`encode_texts`). Building one is cheap (its tag tables are memoised per tokenizer and
+    schema), so callers make one where they need it rather than pass it around.
 
     Examples:
         >>> from pretag.schema import load_schema
