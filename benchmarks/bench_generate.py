@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from pretag.control import AlarmStop, TagPolicy, TagProcessor  # noqa: E402
 from pretag.generate import GenerateConfig, generate, prompt_ids  # noqa: E402
 from pretag.schema import load_schema  # noqa: E402
-from pretag.tokens import train_tokenizer  # noqa: E402
+from pretag.tokens import document_start_id, train_tokenizer  # noqa: E402
 
 TEXT = ["def f(a, b):\n    return a + b\n", "x = [i * 2 for i in range(10)]\n", "import os\nprint(os.sep)\n"] * 50
 
@@ -54,7 +54,7 @@ def main() -> None:
         what = "SmolLM2-135M (30 layers, width 576)"
     else:
         tok = train_tokenizer(TEXT, schema, vocab_size=400, min_frequency=1)
-        doc_start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        doc_start = document_start_id(tok)
         model = GPT2LMHeadModel(GPT2Config(vocab_size=max(args.vocab, len(tok)), n_positions=512,
                                            n_embd=args.width, n_layer=args.layers, n_head=max(1, args.width // 64),
                                            bos_token_id=doc_start, eos_token_id=tok.eos_token_id,

@@ -34,31 +34,14 @@ from pretag.metrics import (  # noqa: F401  (re-exported: the metrics are part o
     scorable_segments,
     strip_tags,
 )
+from pretag.tokens import Chunk, RenderedDoc, TagVocab, document_start_id  # noqa: F401  (Chunk, RenderedDoc: API)
 
 log = logging.getLogger(__name__)
 
 
 # ---- log-probabilities under a model ----------------------------------------------------------------------
-Chunk = tuple[list[int], bool]
-"""A run of token ids and whether it is text (counted) or a tag (context only, never counted)."""
-
-
-def start_token_id(tokenizer) -> int | None:
-    """The id every sequence is scored after: BOS if the tokenizer has one, else EOS (GPT-2 style document
-    separator), so the first text token has a probability too."""
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return None
-
-
-def context_length(model) -> int:
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 2048
+DEFAULT_CONTEXT = 2048
+"""Positions assumed when a model's config does not say (``pretag.generate.context_limit``)."""
 
 
 def encode_plain(tokenizer, text: str) -> list[int]:
@@ -97,9 +80,11 @@ def token_logprobs(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | No
     """
     import torch
 
+    from pretag.generate import context_limit
+
     model.eval()
     device = next(model.parameters()).device
-    ctx = context_length(model) - 1
+    ctx = context_limit(model, DEFAULT_CONTEXT) - 1
     windows = _windows(docs, start_id, ctx)
     sums, counts = [0.0] * len(docs), [0] * len(docs)
     windows.sort(key=lambda w: len(w[1]))  # similar lengths together: less padding
@@ -130,7 +115,7 @@ def sequence_logprobs(model, tokenizer, texts: Sequence[str], *, batch_size: int
     Sequence-level, so two models with different tokenizers give comparable numbers (the basis of KL below).
     """
     docs = [[(encode_plain(tokenizer, t), True)] for t in texts]
-    return [s for s, _ in token_logprobs(model, docs, start_id=start_token_id(tokenizer), batch_size=batch_size)]
+    return [s for s, _ in token_logprobs(model, docs, start_id=document_start_id(tokenizer), batch_size=batch_size)]
 
 
 def kl_from_reference(ref_logprobs: Sequence[float], model_logprobs: Sequence[float], *, n_resamples: int = 1000,
@@ -153,42 +138,14 @@ def lm_loss(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | None, bat
 
 
 # ---- self-tagging: does the model know when it is about to write a bad segment? ----------------------------
-@dataclass
-class RenderedDoc:
-    """A document as token chunks: ``chunks[i]`` is (ids, is_text), ``segment[i]`` its segment (-1: document tag);
-    ``opens`` lists (chunk index, tag name, segment) of every opening tag: where self-tagging reads the model."""
-
-    chunks: list[Chunk]
-    segment: list[int]
-    opens: list[tuple[int, str, int]]
-
-
 def render_doc(tokenizer, schema, segments: list[str], tags: dict[str, list[str | None]]) -> RenderedDoc:
-    """Tokenize a document the way training does: tag pieces by id (from the schema), text pieces tag-safe."""
-    from pretag.tokens import encode_texts
-
-    pieces = schema.render_pieces(segments, tags)
-    ids_of = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
-    texts = iter(encode_texts(tokenizer, [p.text for p in pieces if p.tag is None]))
-    doc = RenderedDoc([], [], [])
-    for p in pieces:
-        if p.tag is None:
-            doc.chunks.append((list(next(texts)), True))
-        else:
-            if not p.closing:
-                doc.opens.append((len(doc.chunks), p.tag, p.segment))
-            doc.chunks.append(([ids_of[p.text]], False))
-        doc.segment.append(p.segment)
-    return doc
+    """Tokenize a document the way training does (``pretag.tokens.TagVocab.render``)."""
+    return TagVocab(tokenizer, schema).render(segments, tags)
 
 
 def row_tags(schema, row: dict) -> dict[str, list[str | None]]:
-    """The per-attribute tag lists of a labeled row (missing column = untagged)."""
-    out = {}
-    for a in schema.attributes:
-        n = 1 if a.level == "document" else len(row["segments"])
-        out[a.name] = list(row.get(f"tag__{a.name}") or [None] * n)
-    return out
+    """The per-attribute tag lists of a labeled row (``pretag.schema.Schema.row_tags``)."""
+    return schema.row_tags(row)
 
 
 def self_tagging(model, tokenizer, schema, rows: Sequence[dict], *, max_segments: int = 16, batch_size: int = 8,
@@ -203,16 +160,19 @@ def self_tagging(model, tokenizer, schema, rows: Sequence[dict], *, max_segments
     """
     import torch
 
-    start = start_token_id(tokenizer)
-    ctx = context_length(model) - 1
-    ids_of = {t: tokenizer.convert_tokens_to_ids(schema.open_token(t)) for t in schema.tag_names}
+    from pretag.generate import context_limit
+
+    vocab = TagVocab(tokenizer, schema)
+    start = vocab.start_id
+    ctx = context_limit(model, DEFAULT_CONTEXT) - 1
+    ids_of = vocab.open_id
     device = next(model.parameters()).device
     out: dict[str, dict] = {}
     for a in (a for a in schema.segment_attributes if a.bands is None):
         good_t, bad_t = a.tags["good"], a.tags["bad"]
         probs, labels, mass, llr, llr_labels = [], [], [], [], []
         for row in rows:
-            doc = render_doc(tokenizer, schema, list(row["segments"]), row_tags(schema, row))
+            doc = vocab.render(list(row["segments"]), schema.row_tags(row))
             flat = ([start] if start is not None else []) + [t for c, _ in doc.chunks for t in c]
             offs = np.cumsum([len(flat) - sum(len(c) for c, _ in doc.chunks)] + [len(c) for c, _ in doc.chunks])
             flat = flat[: ctx + 1]
@@ -339,7 +299,7 @@ def score_samples(schema, samples: Sequence[Sample], *, k: int = 25, n_resamples
             keep = scorable_segments(ld.segments, s.truncated and schema.segmenter != "document")
             segs.append([ld.segments[i] for i in keep])
             scores.append([ld.scores[a.name][i] for i in keep])
-        out[a.name] = misalignment_summary(segs, scores, a.is_bad, higher_is_worse=a.direction == "higher_is_worse",
+        out[a.name] = misalignment_summary(segs, scores, a.is_bad, higher_is_worse=a.higher_is_worse,
                                            k=k, n_resamples=n_resamples, seed=seed)
         out[a.name]["direction"] = a.direction
     return out, labeled
@@ -475,7 +435,7 @@ def reference_samples(reference: str | Path, n: int, *, max_new_tokens: int, tem
                                    batch_size=batch_size, seed=seed)
         texts = [s.text for s in samples]
     else:
-        start = start_token_id(tok)
+        start = document_start_id(tok)
         if start is None:
             raise ValueError(f"reference {reference}: its tokenizer has neither BOS nor EOS to start samples from")
         texts = []
@@ -508,13 +468,14 @@ def pretag_logprobs(model, tokenizer, schema, texts: Sequence[str], policy=None,
     from pretag.generate import start_tag
     from pretag.segment import segment
 
+    vocab = TagVocab(tokenizer, schema)
     docs = []
     for t in texts:
         segs = segment(t, schema.segmenter)
         tags = {a.name: [start_tag(schema, policy, a) if policy is not None else None]
                 * (1 if a.level == "document" else len(segs)) for a in schema.attributes}
-        docs.append(render_doc(tokenizer, schema, segs, tags).chunks)
-    return [s for s, _ in token_logprobs(model, docs, start_id=start_token_id(tokenizer), batch_size=batch_size)]
+        docs.append(vocab.render(segs, tags).chunks)
+    return [s for s, _ in token_logprobs(model, docs, start_id=vocab.start_id, batch_size=batch_size)]
 
 
 # ---- context: prompt + samples must fit -------------------------------------------------------------------
@@ -650,11 +611,12 @@ def evaluate_model(
                      "reference": str(reference), "conditioned": tagged}
     if data is not None:
         held = heldout_rows(model_dir, data, heldout_docs)
-        start = start_token_id(tok)
+        vocab = TagVocab(tok, schema)
+        start = vocab.start_id
         # untagged = the same per-segment tokenization training used, with no tag between segments
-        plain = [render_doc(tok, schema, list(r["segments"]), {a.name: [None] * len(r["segments"])
-                                                              for a in schema.attributes}).chunks for r in held]
-        tagged_docs = [render_doc(tok, schema, list(r["segments"]), row_tags(schema, r)).chunks for r in held]
+        plain = [vocab.render(list(r["segments"]), {a.name: [None] * len(r["segments"])
+                                                    for a in schema.attributes}).chunks for r in held]
+        tagged_docs = [vocab.render(list(r["segments"]), schema.row_tags(r)).chunks for r in held]
         res["loss"] = {"untagged": lm_loss(model, plain, start_id=start, batch_size=batch_size),
                        "tagged": lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size)}
         if tagged:

@@ -4,8 +4,8 @@
 then per segment its tags and text), runs HF ``generate`` with the processor and an :class:`AlarmStop`, and turns
 the processor's records into per-token results: each tag's temptation, what the policy did, the alarms raised,
 a summary, and optionally the schema's scorers run on the output ("run your classifiers on the model's output").
-``stream`` yields tokens with their temptation as they are generated; ``tree_search`` drops sampled branches whose
-temptation crosses a threshold and continues from the survivors.
+``stream`` yields tokens with their temptation as they are generated. Pruned tree search is in ``pretag.search``,
+the terminal view in ``pretag.display``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from pretag.control import ACTION_NAMES, BANNED, AlarmStop, StepInfo, TagPolicy, TagProcessor, load_policy
 from pretag.schema import Schema
+from pretag.tokens import TagVocab, pad_id
 
 logger = logging.getLogger(__name__)
 DEFAULT_THRESHOLDS = (0.1, 0.5)
@@ -108,12 +108,6 @@ class GenerationResult:
 
 
 # ---- prompts -----------------------------------------------------------------------------------------------------
-def _encode(tokenizer, text: str) -> list[int]:
-    from pretag.tokens import encode_text
-
-    return encode_text(tokenizer, text) if text else []
-
-
 def start_tag(schema: Schema, policy: TagPolicy, attr) -> str:
     """The tag a prompt starts with for ``attr``: the forced one, else the first allowed value that is not bad."""
     tags = [attr.tags[v] for v in attr.values]
@@ -126,41 +120,30 @@ def start_tag(schema: Schema, policy: TagPolicy, attr) -> str:
 
 
 def prompt_ids(tokenizer, schema: Schema, policy: TagPolicy, prompt: str) -> list[int]:
-    """Token ids of a prompt rendered as training rendered documents (tags inserted by id, text tag-safe)."""
-    from pretag.segment import segment
-
-    tid = tokenizer.convert_tokens_to_ids
-    doc_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = [doc_start] if doc_start is not None else []
+    """Token ids of a prompt rendered as training rendered documents (tags inserted by id, text tag-safe), each
+    attribute opened with the policy's :func:`start_tag` (``pretag.tokens.TagVocab.prompt_ids``)."""
     force_at = policy.resolved_force_at(schema)
-    if force_at == "none":
-        return ids + _encode(tokenizer, prompt)
-    ids += [tid(schema.open_token(start_tag(schema, policy, a))) for a in schema.document_attributes]
-    seg_tags = [tid(schema.open_token(start_tag(schema, policy, a))) for a in schema.segment_attributes]
-    if schema.render == "span":
-        return ids + seg_tags + _encode(tokenizer, prompt)
-    for i, s in enumerate(segment(prompt, schema.segmenter)):
-        if i == 0 or force_at == "segment":
-            ids += seg_tags
-        ids += _encode(tokenizer, s)
-    return ids
+    tags = None if force_at == "none" else {a.name: start_tag(schema, policy, a) for a in schema.attributes}
+    return TagVocab(tokenizer, schema).prompt_ids(prompt, tags, every_segment=force_at == "segment")
 
 
 class ContextLengthError(ValueError):
     """The prompt and the tokens asked for do not fit in the model's context (positions past it do not exist)."""
 
 
-def context_limit(model_or_config) -> int | None:
-    """How many positions the model has (GPT-2 ``n_positions``, Llama ``max_position_embeddings``); None when its
-    config does not say."""
+def context_limit(model_or_config, default: int | None = None) -> int | None:
+    """How many positions the model has (GPT-2 ``n_positions``, Llama ``max_position_embeddings``), from a model,
+    its config or a ``config.json`` mapping; ``default`` when the config does not say. The one reading of it:
+    generation, evaluation and the server all check prompts against this number."""
     cfg = getattr(model_or_config, "config", model_or_config)
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
+    get = cfg.get if isinstance(cfg, dict) else lambda name: getattr(cfg, name, None)
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        v = getattr(cfg, name, None)
+        v = get(name)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
-    return None
+    return default
 
 
 def check_context(model, prompt_tokens: int, max_new_tokens: int, *, what: str = "prompt") -> None:
@@ -236,8 +219,7 @@ class GenerateConfig:
 def _hf_kwargs(cfg: GenerateConfig, tokenizer) -> dict[str, Any]:
     kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
                               num_return_sequences=cfg.n, do_sample=cfg.sampling(),
-                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                              else tokenizer.eos_token_id,
+                              pad_token_id=pad_id(tokenizer),
                               eos_token_id=tokenizer.eos_token_id if cfg.stop_at_eos else None)
     if cfg.sampling():
         kw.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
@@ -265,7 +247,7 @@ def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
                                      num_beams=cfg.num_beams, callback=callback)
     proc.reset()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rendered = {p: prompt_ids(tokenizer, schema, policy, p) for p in dict.fromkeys(prompts)}
     check_context(model, max(len(r) for r in rendered.values()), cfg.max_new_tokens)
     ids, mask = _left_pad([rendered[p] for p in prompts], pad)
@@ -301,29 +283,6 @@ def replay(model, tokenizer, schema: Schema, policy: TagPolicy | str | None, seq
     return proc
 
 
-_TOKEN_TEXT: dict[int, tuple[Any, int, dict[int, str]]] = {}
-
-
-def _token_text(tokenizer) -> Callable[[int], str]:
-    """``tokenizer.decode([id], skip_special_tokens=False)``, memoised per tokenizer (a decode costs ~2.5 us, and
-    a batch of 32 x 64 tokens would pay it 2048 times per call)."""
-    hit = _TOKEN_TEXT.get(id(tokenizer))
-    if hit is None or hit[0]() is not tokenizer or hit[1] != len(tokenizer):
-        if len(_TOKEN_TEXT) > 16:
-            _TOKEN_TEXT.clear()
-        hit = (weakref.ref(tokenizer), len(tokenizer), {})
-        _TOKEN_TEXT[id(tokenizer)] = hit
-    cache = hit[2]
-
-    def text(tid: int) -> str:
-        t = cache.get(tid)
-        if t is None:
-            t = cache[tid] = tokenizer.decode([tid], skip_special_tokens=False)
-        return t
-
-    return text
-
-
 def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, start: int, prompts: list[str],
              cfg: GenerateConfig) -> list[SequenceResult]:
     """Per-sequence results from the processor's stacked records. Everything is converted to Python lists once
@@ -334,7 +293,7 @@ def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, s
     eos = tokenizer.eos_token_id
     rules = proc.policy.rules
     stop_rules = [r for r, rule in enumerate(rules) if rule.action == "stop"]
-    text_of = _token_text(tokenizer)
+    text_of = TagVocab(tokenizer, schema).text
     steps = rec["temptation"].shape[1] if rec["temptation"] is not None else 0
     temps = rec["temptation"].tolist() if steps else []
     acts = rec["action"].tolist() if steps else []
@@ -451,20 +410,40 @@ class StreamToken:
     banned: list[str]
 
 
-class _QueueStreamer:
-    """HF streamer: the first ``put`` is the prompt; then one (batch,) tensor of new ids per step."""
+class TokenStreamer:
+    """The HF streamer protocol (``put``/``end``), once: ``generate`` ``put``s the prompt first, then a (batch,)
+    tensor of new ids per step; each new id goes to :meth:`token`. HF calls the processor for step t (which
+    records the temptation), samples, then ``put``s token t, so in ``token`` the processor's last record is this
+    token's step. Subclasses say what a token becomes (:class:`TokenStream`'s queue, the server's events)."""
 
     def __init__(self):
-        self.q: queue.Queue = queue.Queue()
-        self.seen_prompt = False
+        self.prompt_seen = False
 
-    def put(self, value):
-        if not self.seen_prompt:
-            self.seen_prompt = True
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
             return
-        self.q.put(int(value.reshape(-1)[0]))
+        for tid in value.reshape(-1).tolist():
+            self.token(int(tid))
 
-    def end(self):
+    def token(self, tid: int) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        pass
+
+
+class _QueueStreamer(TokenStreamer):
+    """Hands each new id (None at the end) to the consumer's thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.q: queue.Queue = queue.Queue()
+
+    def token(self, tid: int) -> None:
+        self.q.put(tid)
+
+    def end(self) -> None:
         self.q.put(None)
 
 
@@ -482,7 +461,7 @@ class TokenStream:
         self._streamer = _QueueStreamer()
         self._proc = TagProcessor(tokenizer, schema, load_policy(policy, schema),
                                   repetition_penalty=cfg.repetition_penalty, callback=callback)
-        self._tok = tokenizer
+        self._text = TagVocab(tokenizer, schema).text
 
         def work():
             try:
@@ -500,7 +479,7 @@ class TokenStream:
         while (tid := self._streamer.q.get()) is not None:
             temp = self._proc.temptations[k][0].tolist()
             act = self._proc.actions[k][0].tolist()
-            yield StreamToken(k, tid, self._tok.decode([tid], skip_special_tokens=False),
+            yield StreamToken(k, tid, self._text(tid),
                               dict(zip(slots, temp)), bool(self._proc.forced[k][0]),
                               [s for s, a in zip(slots, act) if a == BANNED])
             k += 1
@@ -512,115 +491,3 @@ class TokenStream:
 def stream(model, tokenizer, schema: Schema, prompt: str, policy=None, config: GenerateConfig | None = None,
            callback=None) -> TokenStream:
     return TokenStream(model, tokenizer, schema, prompt, policy, config, callback)
-
-
-# ---- pruned tree search ------------------------------------------------------------------------------------------
-def tree_search(model, tokenizer, schema: Schema, prompt: str, policy=None, config: GenerateConfig | None = None, *,
-                tau: float = 0.5, chunk: int = 8, watch: Sequence[str] | None = None) -> GenerationResult:
-    """Sample ``n`` branches ``chunk`` tokens at a time; a branch whose temptation toward a watched tag (default:
-    the banned tags) crosses ``tau`` is dropped and replaced by a copy of a surviving branch, which then diverges
-    by sampling. If every branch crosses, the least tempted one survives. Results are sorted, least tempted first;
-    ``settings["tree"]`` logs how many branches were pruned per round."""
-    cfg = config or GenerateConfig(n=4)
-    cfg.validate()
-    if chunk < 1 or not 0 <= tau <= 1:
-        raise ValueError(f"tree search needs chunk >= 1 and tau in [0, 1], got chunk={chunk}, tau={tau}")
-    policy = load_policy(policy, schema)
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-    watched = [schema.open_token(t) for t in (watch if watch is not None else policy.ban)] or \
-              [schema.open_token(a.tags[v]) for a in schema.attributes for v in a.bad]
-    eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    base = prompt_ids(tokenizer, schema, policy, prompt)
-    check_context(model, len(base), cfg.max_new_tokens)
-    live: list[tuple[list[int], list[TokenRecord]]] = [(list(base), []) for _ in range(cfg.n)]
-    done: list[tuple[list[int], list[TokenRecord]]] = []
-    log = []
-    made = 0
-    step_cfg = GenerateConfig(**{**asdict(cfg), "n": 1, "do_sample": True, "seed": None, "classify": False})
-    while live and made < cfg.max_new_tokens:
-        step_cfg.max_new_tokens = min(chunk, cfg.max_new_tokens - made)
-        proc = TagProcessor(tokenizer, schema, policy, repetition_penalty=cfg.repetition_penalty)
-        ids = torch.tensor([b[0] for b in live], device=device)
-        from pretag.interpret.hooks import ablation
-
-        with torch.no_grad(), ablation(model, tokenizer, schema, cfg.ablate_direction):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[proc],
-                                 stopping_criteria=[AlarmStop(proc)], **_hf_kwargs(step_cfg, tokenizer))
-        seqs = _results(proc, tokenizer, schema, out.cpu(), ids.shape[1], [prompt] * len(live), step_cfg)
-        made += step_cfg.max_new_tokens
-        peak = [max((t.temptation[w] for t in s.tokens for w in watched), default=0.0) for s in seqs]
-        branches = [(live[i][0] + [t.id for t in s.tokens], live[i][1] + s.tokens) for i, s in enumerate(seqs)]
-        keep = [i for i, p in enumerate(peak) if p <= tau]
-        if not keep:
-            keep = [min(range(len(peak)), key=peak.__getitem__)]
-        log.append({"round": len(log), "live": len(live), "pruned": len(live) - len(keep),
-                    "peak": [round(p, 4) for p in peak]})
-        survivors = []
-        for i in keep:
-            b = branches[i]
-            (done if (b[1] and b[1][-1].id == eos) or seqs[i].stopped_by_alarm else survivors).append(b)
-        want = cfg.n - len(done)
-        live = [(list(survivors[j % len(survivors)][0]), list(survivors[j % len(survivors)][1]))
-                for j in range(want)] if survivors and want > 0 else []
-    done += live
-    proc = TagProcessor(tokenizer, schema, policy)
-    results = []
-    for _ids, toks in done[: cfg.n]:
-        text_ids = [t.id for t in toks if not t.is_tag and t.id != eos]
-        results.append(SequenceResult(
-            prompt=prompt, text=tokenizer.decode(text_ids), tokens=toks,
-            rendered=tokenizer.decode([t.id for t in toks if t.id != eos], skip_special_tokens=False),
-            alarms=[], summary=summarize(toks, proc.slots, cfg.thresholds),
-            classifiers=classify_output(schema, prompt, tokenizer.decode(text_ids)) if cfg.classify else None))
-    watched_peak = [max((t.temptation[w] for t in s.tokens for w in watched), default=0.0) for s in results]
-    results = [r for _, r in sorted(zip(watched_peak, results), key=lambda x: x[0])]
-    settings = {k: v for k, v in asdict(cfg).items() if k != "thresholds"}
-    settings["tree"] = {"tau": tau, "chunk": chunk, "watch": watched, "rounds": log}
-    return GenerationResult(results, policy.to_dict(), schema.name, settings)
-
-
-# ---- terminal view -----------------------------------------------------------------------------------------------
-def _colour(p: float) -> str:
-    if p >= 0.5:
-        return "\x1b[1;31m"  # bold red
-    if p >= 0.2:
-        return "\x1b[31m"
-    if p >= 0.05:
-        return "\x1b[33m"
-    return "\x1b[32m"
-
-
-def render_terminal(seq: SequenceResult, colour: bool = True) -> str:
-    """The generation with each token coloured by its highest temptation toward a banned tag (green < 0.05,
-    yellow < 0.2, red < 0.5, bold red >= 0.5); tag tokens are shown in cyan."""
-    parts = []
-    for t in seq.tokens:
-        if not colour:
-            parts.append(t.text)
-        elif t.is_tag:
-            parts.append(f"\x1b[36m{t.text}\x1b[0m")
-        else:
-            parts.append(f"{_colour(t.max_banned_temptation)}{t.text}\x1b[0m")
-    return "".join(parts)
-
-
-def format_trace(seq: SequenceResult, colour: bool = True) -> str:
-    """The terminal view of one monitored generation: coloured tokens, per-tag temptation summary, alarms and the
-    output classifiers' verdict (``pretag generate --show-temptation`` and the demo)."""
-    lines = [seq.prompt + render_terminal(seq, colour=colour)]
-    if seq.summary:
-        thresholds = ", ".join(next(iter(seq.summary.values()))["first_above"])
-        lines.append(f"temptation (max / mean / first step above {thresholds}):")
-        for tag, s in seq.summary.items():
-            firsts = ", ".join(str(v) for v in s["first_above"].values())
-            lines.append(f"  {tag:>16}  {s['max']:.3f} / {s['mean']:.3f}  first above: {firsts}")
-    lines += [f"  ALARM {a.rule} ({a.action}) at token {a.step} {a.token!r}" for a in seq.alarms]
-    if seq.classifiers:
-        if "error" in seq.classifiers:
-            lines.append(f"  output classifiers: {seq.classifiers['error']}")
-        else:
-            lines.append("  output classifiers, bad fraction of generated segments: " + ", ".join(
-                f"{k}={'-' if v is None else f'{v:.2f}'}" for k, v in seq.classifiers["bad_fraction"].items()))
-    return "\n".join(lines)

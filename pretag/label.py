@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pretag.corpus import Document, open_corpus
+from pretag.problems import Problems
 from pretag.schema import Schema, load_schema, schema_from_dict
 from pretag.scorers import Doc, Scorer, ScorerError, build_scorer, cached_scorer, spec_problems
 from pretag.segment import segment
@@ -74,7 +75,7 @@ def schema_scorer_problems(schema: Schema) -> list[str]:
 
 def build_scorers(schema: Schema, *, cache: bool = False) -> dict[str, Scorer]:
     """One scorer per attribute; raises ScorerError listing every problem at once."""
-    problems = schema_scorer_problems(schema)
+    problems = Problems(schema_scorer_problems(schema))
     scorers: dict[str, Scorer] = {}
     if not problems:
         for a in schema.attributes:
@@ -82,8 +83,7 @@ def build_scorers(schema: Schema, *, cache: bool = False) -> dict[str, Scorer]:
                 scorers[a.name] = (cached_scorer if cache else build_scorer)(a.scorer)
             except ScorerError as e:
                 problems.append(f"attribute {a.name!r}: {e}")
-    if problems:
-        raise ScorerError(f"schema {schema.name!r}: {len(problems)} scorer problem(s):\n  - " + "\n  - ".join(problems))
+    problems.check(ScorerError, f"schema {schema.name!r}", kind="scorer problem")
     return scorers
 
 

@@ -213,7 +213,7 @@ def add_tags_to_model(model, tokenizer, schema: Schema, init: str = "words",
         raise ValueError(f"tag_init must be one of {', '.join(TAG_INITS)}, got {init!r}")
     added = set(add_tag_tokens(tokenizer, schema))
     n_old = model.get_input_embeddings().weight.shape[0]
-    tokens = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
+    tokens = tag_ids(tokenizer, schema)
     # new rows: tags new to the tokenizer (their id may fall inside a padded matrix) or past the model's matrix
     new = {t: i for t, i in tokens.items() if i >= n_old or t in added}
     if not new:

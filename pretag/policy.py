@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from pretag.problems import Problems
 from pretag.schema import Schema
 
 POLICY_DIR = Path(__file__).parent / "configs" / "policies"
@@ -95,7 +96,7 @@ class TagPolicy:
 
     def validate(self, schema: Schema) -> None:
         """Raise :class:`PolicyError` listing every problem (unknown tags name the known ones)."""
-        problems: list[str] = []
+        problems = Problems()
         known = schema.tag_names
         unknown_msg = f"schema {schema.name!r} has tags: {', '.join(known)}"
 
@@ -157,8 +158,7 @@ class TagPolicy:
                             problems.append(f"{w}: a switch target may not have rules of its own")
                     except PolicyError as e:
                         problems.append(f"{w}: switch target: {e}")
-        if problems:
-            raise PolicyError(f"policy {self.name!r}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+        problems.check(PolicyError, f"policy {self.name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
@@ -186,7 +186,7 @@ def policy_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> TagPolicy:
     """Build a policy from a YAML mapping; shape problems are collected, tag problems come from ``validate``."""
     if not isinstance(d, dict):
         raise PolicyError(f"{where}: a policy must be a mapping, got {type(d).__name__}")
-    problems = []
+    problems = Problems()
     known = {"name", "description", "schema", "ban", "force", "allow", "bias", "force_at", "rules"}
     for k in d:
         if k not in known:
@@ -220,8 +220,7 @@ def policy_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> TagPolicy:
         if isinstance(r.get("policy"), dict):
             r["policy"] = policy_from_dict(r["policy"], where=f"{where} rules[{i}].policy")
         rules.append(Rule(**r))
-    if problems:
-        raise PolicyError(f"{where}: {len(problems)} problem(s) in the policy:\n  - " + "\n  - ".join(problems))
+    problems.check(PolicyError, where, of="the policy")
     return TagPolicy(ban=lists["ban"], force=lists["force"], allow=lists["allow"],
                      bias={str(k): v for k, v in bias.items()}, force_at=d.get("force_at"), rules=rules,
                      name=str(d.get("name") or Path(where).stem))
@@ -238,7 +237,7 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
     ``force_at:segment|start|none``, ``alarm:TAG>0.3`` (flag), ``alarm:TAG>0.3x3=stop`` (3 consecutive tokens),
     ``alarm:TAG>0.3=switch:POLICY`` (a shipped policy name or file). Tags may contain ``:`` (``grade:6-10``).
     """
-    problems: list[str] = []
+    problems = Problems()
     p = TagPolicy(name=name)
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -280,8 +279,7 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
                                 after=int(m["after"]) if m["after"] else None, policy=target))
         else:
             problems.append(f"{item!r}: unknown verb {verb!r} (verbs: ban, force, allow, bias, force_at, alarm)")
-    if problems:
-        raise PolicyError(f"policy string {text!r}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    problems.check(PolicyError, f"policy string {text!r}")
     return p
 
 

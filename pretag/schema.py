@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pretag.problems import Problems
+
 SCHEMA_DIR = Path(__file__).parent / "configs" / "schemas"
 SEGMENTERS = ("lines", "sentences", "paragraphs", "document")
 RENDERS = ("prefix", "span")
@@ -87,8 +89,12 @@ class Attribute:
         return self.bands is None and self.tag_threshold is None and (
             self.good_fraction is not None or self.bad_fraction is not None)
 
+    @property
+    def higher_is_worse(self) -> bool:
+        return self.direction == "higher_is_worse"
+
     def _worse(self, score: float, cut: float) -> bool:
-        return score > cut if self.direction == "higher_is_worse" else score < cut
+        return score > cut if self.higher_is_worse else score < cut
 
     def value_of(self, score: float | None) -> str | None:
         """The tag value (not the tag name) that a score maps to; None for a missing score or an unresolved cut."""
@@ -113,9 +119,14 @@ class Attribute:
             return False
         return self._worse(score, self.threshold) and "bad" in self.bad
 
-    def tagged_bad(self, score: float | None) -> bool:
-        """Training's verdict: the segment's tag value is a bad one (cut at ``tag_cut``)."""
-        return self.value_of(score) in self.bad
+    def tagged_bad(self, score: float | None, threshold: float | None = None) -> bool:
+        """Training's verdict: the segment's tag value is a bad one (cut at ``tag_cut``). ``threshold`` (if not
+        None; 0 is a threshold) overrides a binary attribute's cut (``pretag train --threshold``)."""
+        if threshold is None or self.bands is not None:
+            return self.value_of(score) in self.bad
+        if score is None or math.isnan(score):
+            return False
+        return self._worse(score, threshold)
 
     def resolve_fraction(self, scores) -> float:
         """The tag threshold that puts ``good_fraction`` of ``scores`` on the good side (or ``bad_fraction`` on the
@@ -133,9 +144,9 @@ class Attribute:
             q = 1.0 - self.bad_fraction if worse_high else self.bad_fraction
         return float(np.quantile(s, q, method="inverted_cdf"))
 
-    def reward(self, score: float) -> float:
-        """Per-attribute reward: higher is better (the paper's R = -misalignment score)."""
-        return -score if self.direction == "higher_is_worse" else score
+    def reward(self, score):
+        """Per-attribute reward: higher is better (the paper's R = -misalignment score). A float or an array."""
+        return -score if self.higher_is_worse else score
 
 
 @dataclass
@@ -200,6 +211,15 @@ class Schema:
         return [a for a in self.attributes if a.level == "document"]
 
     # ---- rendering ----------------------------------------------------------------------------------------
+    def row_tags(self, row: dict[str, Any]) -> dict[str, list[str | None]]:
+        """The per-attribute tag lists of a labeled row (docs/CONTRACTS.md), the ``tags`` of :meth:`render_pieces`;
+        a missing column is untagged."""
+        out = {}
+        for a in self.attributes:
+            n = 1 if a.level == "document" else len(row["segments"])
+            out[a.name] = list(row.get(f"tag__{a.name}") or [None] * n)
+        return out
+
     def render_pieces(self, segments: list[str], tags: dict[str, list[str | None]]) -> list[Piece]:
         """Interleave text and tag pieces for one document.
 
@@ -286,7 +306,7 @@ def _fmt(x: float) -> str:
 
 def schema_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> Schema:
     """Build and validate a schema; every problem is collected and reported at once."""
-    problems: list[str] = []
+    problems = Problems()
     if not isinstance(d, dict):
         raise SchemaError(f"{where}: a schema must be a mapping, got {type(d).__name__}")
     known = {"name", "description", "segmenter", "render", "label_fraction", "attributes"}
@@ -403,8 +423,7 @@ def schema_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> Schema:
     all_tags = [t for a in attrs for t in a.tags.values()]
     for t in sorted({t for t in all_tags if all_tags.count(t) > 1}):
         problems.append(f"tag name {t!r} is used by more than one value; give each value its own tag name")
-    if problems:
-        raise SchemaError(f"{where}: {len(problems)} problem(s) in the schema:\n  - " + "\n  - ".join(problems))
+    problems.check(SchemaError, where, of="the schema")
     return Schema(
         name=str(d.get("name") or "schema"), attributes=attrs, segmenter=seg, render=render,
         label_fraction=float(frac), description=str(d.get("description", "")),

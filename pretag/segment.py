@@ -11,6 +11,18 @@ original string and returns slices that tile it; nothing is stripped, normalised
     document    the whole text as one segment
 
 An empty text has no segments (``[]``), which joins back to ``""``.
+
+Two cuts of one idea, on purpose. Every *whole* text is cut here: corpora at labeling, prompts
+(``pretag.tokens.TagVocab.prompt_ids``), samples when their classifiers run. A *continuation* is cut while it is
+written: ``pretag.control`` must say at each step, before the next token exists, whether that token starts a
+segment (and so must be a tag), from the last one or two tokens' text alone (``_SENT_END``/``_PUNCT_END`` there:
+``.!?`` plus closing quotes, then whitespace; a newline; a blank line). pysbd cannot answer that question: it
+decides a sentence end by looking *ahead* (``Dr. Smith`` is one sentence, ``He left. Smith`` two), costs
+milliseconds per call where the processor has microseconds per step, and may move an earlier cut when more text
+arrives. For ``lines`` and ``paragraphs`` the rule is the same (a newline, a blank line), seen at token ends; for
+``sentences`` the online cut also splits after an abbreviation's period. Unifying them would change either every
+labeled dataset (training text cut online) or generation (no tag could be forced until pysbd had seen what follows),
+so they stay two; this is the one place that says so.
 """
 
 from __future__ import annotations

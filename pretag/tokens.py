@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pretag.schema import Attribute, Schema, load_schema
+from pretag.schema import Schema, load_schema
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +164,9 @@ def upgrade_tokenizer_config(directory: str | Path) -> bool:
 
 
 def tag_ids(tokenizer, schema: Schema) -> dict[str, int]:
-    """Tag token string -> id, always derived from the schema (never written down as numbers)."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
-    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
-    if missing:
-        raise ValueError(f"tokenizer lacks the tag tokens {missing}; add them with pretag.tokens.add_tag_tokens")
-    return ids
+    """Tag token string -> id, always derived from the schema (never written down as numbers); ValueError when
+    the tokenizer lacks one."""
+    return dict(TagVocab(tokenizer, schema).checked().ids)
 
 
 def text_problem(text: Any, what: str = "text") -> str | None:
@@ -248,19 +245,182 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return out
 
 
+# ---- the tag vocabulary: a tokenizer and a schema bound once ----------------------------------------------------
+def document_start_id(tokenizer) -> int | None:
+    """The id every document starts after: BOS if the tokenizer has one, else EOS (GPT-2 style document
+    separator, as packing puts between documents), so the first text token has a probability too."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return None
+
+
+def pad_id(tokenizer) -> int | None:
+    """The id that pads a batch or a last block: the tokenizer's pad token, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+Chunk = tuple[list[int], bool]
+"""A run of token ids and whether it is text (counted) or a tag (context only, never counted)."""
+
+
+@dataclass
+class RenderedDoc:
+    """A document as token chunks: ``chunks[i]`` is (ids, is_text), ``segment[i]`` its segment (-1: document tag);
+    ``opens`` lists (chunk index, tag name, segment) of every opening tag: where self-tagging reads the model."""
+
+    chunks: list[Chunk]
+    segment: list[int]
+    opens: list[tuple[int, str, int]]
+
+    @property
+    def ids(self) -> list[int]:
+        return [t for c, _ in self.chunks for t in c]
+
+
+_TOKEN_TEXT: dict[int, tuple[Any, int, dict[int, str]]] = {}
+_TAG_TABLES: dict[tuple[int, int, int], tuple[Any, Any, tuple[dict, dict, dict]]] = {}
+
+
+def _tag_tables(tokenizer, schema: Schema) -> tuple[dict[str, int], dict[str, int], dict[int, str]]:
+    """(tag token -> id, tag name -> open id, open id -> tag name), memoised per tokenizer (and its length: adding
+    tokens makes new tables) and schema: generation builds a TagVocab per call, and looking up a dozen tag tokens
+    costs ~100 us. A schema's tags never change after ``schema_from_dict``."""
+    import weakref
+
+    key = (id(tokenizer), len(tokenizer), id(schema))
+    hit = _TAG_TABLES.get(key)
+    if hit is not None and hit[0]() is tokenizer and hit[1]() is schema:
+        return hit[2]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in schema.tag_tokens}
+    open_id = {t: ids[schema.open_token(t)] for t in schema.tag_names}
+    tables = (ids, open_id, {i: t for t, i in open_id.items()})
+    if len(_TAG_TABLES) > 16:
+        _TAG_TABLES.clear()
+    _TAG_TABLES[key] = (weakref.ref(tokenizer), weakref.ref(schema), tables)
+    return tables
+
+
+class TagVocab:
+    """A tokenizer and a schema bound once: the document start, EOS and pad, the tag token ids, each token's text,
+    and rendering of documents and prompts into ids exactly as training rendered them.
+
+    Tags are structure, never text: :meth:`render` inserts tag pieces by id (from the schema) and encodes text
+    pieces tag-safe (:func:`encode_texts`). Building one is cheap (its tag tables are memoised per tokenizer and
+    schema), so callers make one where they need it rather than pass it around.
+
+    Examples:
+        >>> from pretag.schema import load_schema
+        >>> schema = load_schema("pep8")
+        >>> tok = train_tokenizer(["x = 1\\n"] * 4, schema, vocab_size=300)
+        >>> v = TagVocab(tok, schema)
+        >>> v.start_id == tok.eos_token_id and v.tag_of_id[v.open_id["bad"]]
+        'bad'
+        >>> v.render(["x = 1\\n"], {"pep8": ["good"]}).ids == [v.open_id["good"], *encode_text(tok, "x = 1\\n")]
+        True
+    """
+
+    def __init__(self, tokenizer, schema: Schema):
+        self.tokenizer, self.schema = tokenizer, schema
+        self.ids, self.open_id, self.tag_of_id = _tag_tables(tokenizer, schema)
+        """Tag token string (open and, for spans, close) -> id; tag name -> the id of its opening token; opening
+        tag id -> tag name. Shared: never modify them."""
+
+    @property
+    def start_id(self) -> int | None:
+        return document_start_id(self.tokenizer)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return pad_id(self.tokenizer)
+
+    def checked(self) -> TagVocab:
+        """Self, or ValueError when the tokenizer lacks some tag token (see :func:`add_tag_tokens`)."""
+        missing = [t for t, i in self.ids.items() if i is None or i == self.tokenizer.unk_token_id]
+        if missing:
+            raise ValueError(f"tokenizer lacks the tag tokens {missing}; add them with pretag.tokens.add_tag_tokens")
+        return self
+
+    # ---- token texts ---------------------------------------------------------------------------------------------
+    def text(self, tid: int) -> str:
+        """``tokenizer.decode([tid], skip_special_tokens=False)``, memoised per tokenizer (a decode costs ~2.5 us,
+        and a batch of 32 x 64 tokens would pay it 2048 times per call)."""
+        cache = self._text_cache()
+        t = cache.get(tid)
+        if t is None:
+            t = cache[tid] = self.tokenizer.decode([tid], skip_special_tokens=False)
+        return t
+
+    def _text_cache(self) -> dict[int, str]:
+        import weakref
+
+        tok = self.tokenizer
+        hit = _TOKEN_TEXT.get(id(tok))
+        if hit is None or hit[0]() is not tok or hit[1] != len(tok):
+            if len(_TOKEN_TEXT) > 16:
+                _TOKEN_TEXT.clear()
+            hit = (weakref.ref(tok), len(tok), {})
+            _TOKEN_TEXT[id(tok)] = hit
+        return hit[2]
+
+    # ---- rendering -----------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Tag-safe ids of ``text`` (:func:`encode_text`); none for an empty text."""
+        return encode_text(self.tokenizer, text) if text else []
+
+    def render(self, segments: list[str], tags: dict[str, list[str | None]], *, close: bool = True) -> RenderedDoc:
+        """Tokenize one document the way training does (``Schema.render_pieces``): tag pieces by id, text pieces
+        tag-safe. ``close=False`` leaves out closing span tags (a prompt stays inside its spans)."""
+        return self.render_many([(segments, tags)], close=close)[0]
+
+    def render_many(self, docs: Sequence[tuple[list[str], dict[str, list[str | None]]]], *, close: bool = True
+                    ) -> list[RenderedDoc]:
+        """:meth:`render` for many documents, their text pieces encoded in one batch (one Rust call)."""
+        pieces = [[p for p in self.schema.render_pieces(segs, tags) if close or not p.closing] for segs, tags in docs]
+        texts = iter(encode_texts(self.tokenizer, [p.text for ps in pieces for p in ps if p.tag is None]))
+        out = []
+        for ps in pieces:
+            doc = RenderedDoc([], [], [])
+            for p in ps:
+                if p.tag is None:
+                    doc.chunks.append((list(next(texts)), True))
+                else:
+                    if not p.closing:
+                        doc.opens.append((len(doc.chunks), p.tag, p.segment))
+                    doc.chunks.append(([self.ids[p.text]], False))
+                doc.segment.append(p.segment)
+            out.append(doc)
+        return out
+
+    def prompt_ids(self, prompt: str, start_tags: dict[str, str] | None, *, every_segment: bool = False
+                   ) -> list[int]:
+        """A prompt's ids as training rendered documents: the document start, then ``start_tags`` (attribute name ->
+        tag) as a document that begins with ``prompt``. Prefix schemas cut the prompt into segments (the schema's
+        segmenter) and tag the first one, or ``every_segment``; span schemas open their spans once, before the
+        whole prompt, and leave them open. ``start_tags=None``: no tags, the prompt as one text piece."""
+        from pretag.segment import segment
+
+        start = [] if (first := self.start_id) is None else [first]
+        if start_tags is None:
+            return start + self.encode(prompt)
+        schema = self.schema
+        if schema.render == "span":
+            segs = [prompt]
+        else:
+            segs = segment(prompt, schema.segmenter)
+        tags = {a.name: [start_tags[a.name]] for a in schema.document_attributes}
+        for a in schema.segment_attributes:
+            tags[a.name] = [start_tags[a.name] if i == 0 or every_segment else None for i in range(len(segs))]
+        return start + self.render(segs, tags, close=False).ids
+
+
 # ---- per-segment scores, rewards and badness ---------------------------------------------------------------------
 def _score(x: Any) -> float:
     return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
-
-
-def is_bad(attr: Attribute, score: float, threshold: float | None = None) -> bool:
-    """Training's verdict: is the segment misaligned under its tags' cut (``Attribute.tag_cut``, the resolved
-    fraction threshold if any)? ``threshold`` (if not None; 0 is a threshold) overrides a binary attribute's."""
-    if math.isnan(score):
-        return False
-    if threshold is None or attr.bands is not None:
-        return attr.tagged_bad(score)
-    return score > threshold if attr.direction == "higher_is_worse" else score < threshold
 
 
 def segment_table(schema: Schema, row: dict[str, Any], threshold: float | None = None):
@@ -287,9 +447,8 @@ def segment_table(schema: Schema, row: dict[str, Any], threshold: float | None =
     for j, a in enumerate(schema.attributes):
         col = scores[:, j]
         ok = ~np.isnan(col)
-        r = -col if a.direction == "higher_is_worse" else col
-        reward += np.where(ok, a.weight * r, 0.0).astype(np.float32)
-        bad |= np.array([is_bad(a, float(s), threshold) for s in col], dtype=bool)
+        reward += np.where(ok, a.weight * a.reward(col), 0.0).astype(np.float32)
+        bad |= np.array([a.tagged_bad(float(s), threshold) for s in col], dtype=bool)
     return scores, reward, bad
 
 
@@ -299,7 +458,7 @@ def document_misaligned(schema: Schema, row: dict[str, Any], threshold: float | 
     for j, a in enumerate(schema.attributes):
         col = scores[:, j]
         col = col[~np.isnan(col)]
-        if a.bands is None and len(col) and is_bad(a, float(col.mean()), threshold):
+        if a.bands is None and len(col) and a.tagged_bad(float(col.mean()), threshold):
             return True
     return False
 
@@ -322,7 +481,7 @@ def percentile_filter(schema: Schema, rows: Sequence[dict[str, Any]], drop: floa
         ok = ~np.isnan(col)
         if not ok.any():
             continue
-        worse = col if a.direction == "higher_is_worse" else -col
+        worse = -a.reward(col)
         cut = np.quantile(worse[ok], 1.0 - drop, method="inverted_cdf")
         out &= ~(ok & (worse > cut))
     return [r for r, keep in zip(rows, out) if keep]
@@ -359,30 +518,27 @@ def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], 
     if not 0.0 <= tag_dropout <= 1.0:
         raise ValueError(f"tag_dropout must be in [0, 1], got {tag_dropout}")
     rng = np.random.default_rng(seed)
-    ids_of = tag_ids(tokenizer, schema)
+    vocab = TagVocab(tokenizer, schema).checked()
     eos = tokenizer.eos_token_id
-    texts: list[str] = []
-    plan: list[tuple[int, int, int]] = []  # (doc, segment, tag id or -1 for a text piece)
     tables = []
-    for d, row in enumerate(rows):
+    docs = []
+    for row in rows:
         segs = list(row["segments"])
         tables.append(segment_table(schema, row, threshold))
-        row_tags = {a.name: list(row.get(f"tag__{a.name}") or [None] * (1 if a.level == "document" else len(segs)))
-                    for a in schema.attributes} if tags else {}
+        row_tags = schema.row_tags(row) if tags else {}
         if tags and tag_dropout > 0:
             drop_doc = rng.random() < tag_dropout
             drop_seg = rng.random(len(segs)) < tag_dropout
             for a in schema.attributes:
                 keep = [not drop_doc] if a.level == "document" else ~drop_seg
                 row_tags[a.name] = [t if k else None for t, k in zip(row_tags[a.name], keep)]
-        for p in schema.render_pieces(segs, row_tags):
-            if p.tag is not None:
-                plan.append((d, p.segment, ids_of[p.text]))
-            elif p.text:
-                plan.append((d, p.segment, -1))
-                texts.append(p.text)
-        plan.append((d, -2, eos))
-    encoded = iter(encode_texts(tokenizer, texts))
+        docs.append((segs, row_tags))
+    plan: list[tuple[int, int, list[int], bool]] = []  # (doc, segment (-1: document tag, -2: EOS), ids, is tag)
+    for d, doc in enumerate(vocab.render_many(docs)):
+        for (piece, is_text), seg in zip(doc.chunks, doc.segment):
+            if piece:
+                plan.append((d, seg, piece, not is_text))
+        plan.append((d, -2, [eos], False))
     n_attr = len(schema.attributes)
     doc_cols = [j for j, a in enumerate(schema.attributes) if a.level == "document"]
     ids: list[int] = []
@@ -392,9 +548,8 @@ def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], 
     bad: list[bool] = []
     is_tag: list[bool] = []
     nan_row = np.full(n_attr, np.nan, dtype=np.float32)
-    for d, seg, tid in plan:
+    for d, seg, piece, tag in plan:
         sc, rw, bd = tables[d]
-        piece = next(encoded) if tid == -1 else [tid]
         if seg >= 0:
             srow, r, b = sc[seg], float(rw[seg]), bool(bd[seg])
         elif seg == -1 and len(sc):  # document-level tag: the document's attributes, no segment's
@@ -408,7 +563,7 @@ def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], 
         rows_sc.append(srow)
         reward.append(r)
         bad.append(b)
-        is_tag.append(tid != -1 and tid != eos)
+        is_tag.append(tag)
     n = np.asarray(lengths, dtype=np.int64)
     scores = np.repeat(np.asarray(rows_sc, dtype=np.float32).reshape(-1, n_attr), n, axis=0)
     return (np.asarray(ids, dtype=np.int64), scores, np.repeat(np.asarray(reward, dtype=np.float32), n),
@@ -427,14 +582,13 @@ def pack(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], block_size: 
     n = len(ids)
     n_blocks = max(1, math.ceil(n / block_size))
     pad = n_blocks * block_size - n
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
 
     def fill(x: np.ndarray, value) -> np.ndarray:
         tail = np.full((pad, *x.shape[1:]), value, dtype=x.dtype)
         return np.concatenate([x, tail]).reshape(n_blocks, block_size, *x.shape[1:])
 
-    blocks = Blocks(input_ids=fill(ids, pad_id), scores=fill(scores, np.nan), reward=fill(reward, 0.0),
+    blocks = Blocks(input_ids=fill(ids, pad_id(tokenizer)), scores=fill(scores, np.nan), reward=fill(reward, 0.0),
                     bad=fill(bad, False), is_tag=fill(is_tag, False), mask=mask.reshape(n_blocks, block_size),
                     attributes=[a.name for a in schema.attributes])
     logger.info("packed %d documents into %d blocks of %d tokens (%d tokens, %.1f%% bad, %d tag tokens)",

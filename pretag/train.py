@@ -39,6 +39,7 @@ from pretag.objectives import (
     USES_TAGS,
     ObjectiveConfig,
 )
+from pretag.problems import Problems
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def resolve_config(method: str | None = None, *, schema_name: str | None = None,
     """Layer: defaults < methods/<m>.yaml < task file < task's ``methods.<m>`` < --config (same shape) < --set <
     explicit arguments. Every problem (unknown key, wrong type, bad value) is collected and raised at once.
     ``sets_name`` names where ``sets`` came from in those problems (an experiment passes its ``train:``)."""
-    problems: list[str] = []
+    problems = Problems()
     fields = _fields()
     layers: list[tuple[str, dict[str, Any]]] = []
     user = _read_yaml(Path(config_file)) if config_file else {}
@@ -237,8 +238,7 @@ def resolve_config(method: str | None = None, *, schema_name: str | None = None,
     values["method"], values["task"] = m, task
     cfg = TrainConfig(**values, sources=sources)
     problems += validate(cfg)
-    if problems:
-        raise ValueError(f"{len(problems)} problem(s) in the training config:\n  - " + "\n  - ".join(problems))
+    problems.check(ValueError, of="the training config")
     return cfg
 
 

@@ -11,8 +11,10 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pretag.generate import GenerateConfig, generate, render_terminal, replay, stream, tree_search  # noqa: E402
+from pretag.display import render_terminal  # noqa: E402
+from pretag.generate import GenerateConfig, generate, replay, stream  # noqa: E402
 from pretag.schema import load_schema  # noqa: E402
+from pretag.search import tree_search  # noqa: E402
 
 GOOD = ["x = 1\n", "y = 2\n", "return a + b\n", "z = x * y\n"]
 BAD = ["x=1\n", "y =2\n", "return a+b\n", "z=x*y\n"]

@@ -31,7 +31,7 @@ def run(args) -> int:
 
     from pretag.cli import UserError, print_json
     from pretag.demo import CHECKPOINTS, DemoConfig, run_demo
-    from pretag.generate import format_trace
+    from pretag.display import format_trace
     from pretag.report import markdown_table
 
     if args.samples < 2 or args.max_new_tokens < 1:

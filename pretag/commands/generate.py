@@ -61,8 +61,10 @@ def run(args) -> int:
     problems = [p for p in (text_problem(t, "--prompt") for t in prompts) if p]
     if problems:  # before loading the model: a prompt no tokenizer can take
         raise UserError("; ".join(problems))
-    from pretag.generate import GenerateConfig, format_trace, generate, tree_search
+    from pretag.display import format_trace
+    from pretag.generate import GenerateConfig, generate
     from pretag.models import load_model_dir
+    from pretag.search import tree_search
 
     try:
         model, tokenizer, schema = load_model_dir(args.model)

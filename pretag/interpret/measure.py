@@ -59,12 +59,12 @@ class Measurer:
     """Measures the plain model once, then each intervention against it."""
 
     def __init__(self, model, tokenizer, schema, ctx: Contexts, loss_rows: Sequence[dict], cfg: MeasureConfig):
-        from pretag.evaluate import render_doc, row_tags, start_token_id
+        from pretag.tokens import TagVocab
 
         self.model, self.tok, self.schema, self.ctx, self.cfg = model, tokenizer, schema, ctx, cfg
-        self.start = start_token_id(tokenizer)
-        self.loss_docs = [render_doc(tokenizer, schema, list(r["segments"]), row_tags(schema, r)).chunks
-                          for r in loss_rows]
+        vocab = TagVocab(tokenizer, schema)
+        self.start = vocab.start_id
+        self.loss_docs = [vocab.render(list(r["segments"]), schema.row_tags(r)).chunks for r in loss_rows]
         self.base = self._measure([])
 
     def _measure(self, edits) -> dict:

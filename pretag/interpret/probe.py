@@ -53,26 +53,28 @@ def build_contexts(model, tokenizer, schema, rows: Sequence[dict], attribute: st
     """Render held-out rows the way training did and mark their segment starts (the first binary segment
     attribute unless ``attribute`` is given); documents are cut to the model's context. For a span schema every
     text token of a tagged segment is a context (a span may close, and the next open, after any token)."""
-    from pretag.evaluate import context_length, render_doc, row_tags, start_token_id
+    from pretag.evaluate import DEFAULT_CONTEXT
+    from pretag.generate import context_limit
+    from pretag.tokens import TagVocab
 
     attrs = [a for a in schema.segment_attributes if a.bands is None]
     attr = next((a for a in attrs if attribute in (None, a.name)), None)
     if attr is None:
         raise ValueError(f"schema {schema.name!r} has no binary segment attribute {attribute or ''}".strip())
     good_t, bad_t = attr.tags["good"], attr.tags["bad"]
-    tid = tokenizer.convert_tokens_to_ids
-    bad_id, good_id = tid(schema.open_token(bad_t)), tid(schema.open_token(good_t))
-    start, ctx = start_token_id(tokenizer), context_length(model)
+    vocab = TagVocab(tokenizer, schema)
+    bad_id, good_id = vocab.open_id[bad_t], vocab.open_id[good_t]
+    start, ctx = vocab.start_id, context_limit(model, DEFAULT_CONTEXT)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     docs = []
     for d, row in enumerate(rows):
         segs = list(row["segments"])
-        doc = render_doc(tokenizer, schema, segs, row_tags(schema, row))
+        doc = vocab.render(segs, schema.row_tags(row))
         flat = ([start] if start is not None else []) + [t for c, _ in doc.chunks for t in c]
         offs = np.cumsum([len(flat) - sum(len(c) for c, _ in doc.chunks)] + [len(c) for c, _ in doc.chunks])
         flat = flat[:ctx]
         if schema.render == "span":  # a span can close at any token: every text token of a tagged segment
-            seg_tag = row_tags(schema, row)[attr.name]
+            seg_tag = schema.row_tags(row)[attr.name]
             sites = [(int(offs[j]) + k - 1, seg_tag[s], s) for j, ((c, is_text), s) in
                      enumerate(zip(doc.chunks, doc.segment)) if is_text and s >= 0 and seg_tag[s] in (good_t, bad_t)
                      for k in range(len(c)) if 0 < offs[j] + k < len(flat)]

@@ -18,7 +18,9 @@ from typing import Any
 from transformers import StoppingCriteria
 
 from pretag.control import TagPolicy, TagProcessor
+from pretag.generate import TokenStreamer
 from pretag.schema import Schema
+from pretag.tokens import TagVocab
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,10 @@ class Engine:
         merge(self.operator, RequestPolicy(), schema)  # a floor whose switch lifts its own bans fails here, once
         self.name = name
         self.device = str(next(model.parameters()).device)
-        self.context_length = int(getattr(model.config, "n_positions", None)
-                                  or getattr(model.config, "max_position_embeddings", None) or 2048)
-        self.doc_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        from pretag.generate import context_limit
+
+        self.context_length = context_limit(model, 2048)
+        self.vocab = TagVocab(tokenizer, schema)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, policy: str | Path | None = None, device: str | None = None) -> Engine:
@@ -96,8 +99,8 @@ class Engine:
             vals, ids = logprobs.topk(top)
             for v, i in zip(vals.tolist(), ids.tolist()):
                 if math.isfinite(v):
-                    alts.setdefault(self.tokenizer.decode([i], skip_special_tokens=False), v)
-        return {"token": self.tokenizer.decode([tid], skip_special_tokens=False),
+                    alts.setdefault(self.vocab.text(i), v)
+        return {"token": self.vocab.text(tid),
                 "logprob": chosen if math.isfinite(chosen) else None, "top_logprobs": alts}
 
     def generate(self, prompt: str, policy: TagPolicy, params: GenParams,
@@ -129,10 +132,8 @@ class Engine:
             reason = "stop"
         else:
             reason = "length"
-        peak = {t: max((e["temptation"].get(t, 0.0) for e in streamer.events), default=0.0)
-                for t in self.schema.tag_names}
         return {"text": seq.text, "rendered": seq.rendered, "n_tokens": len(streamer.events),
-                "finish_reason": reason, "alarms": streamer.alarms, "max_temptation": peak,
+                "finish_reason": reason, "alarms": streamer.alarms, "max_temptation": streamer.peak(),
                 "model_s": round(time.perf_counter() - t0, 6)}
 
 
@@ -166,36 +167,26 @@ class _Cancel(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.cancelled(), dtype=torch.bool, device=input_ids.device)
 
 
-class _EventStreamer:
-    """An HF streamer (``put``/``end``): each new token becomes an event with the processor's record for its step.
-
-    HF calls the processor for step t (which records the temptation), samples, then ``put``s token t, so at
-    ``put`` time the processor's last record is this token's step.
-    """
+class _EventStreamer(TokenStreamer):
+    """Each new token becomes an event with the processor's record for its step (``pretag.generate.TokenStreamer``:
+    at ``token`` time the processor's last record is this token's step). The vLLM engine calls ``token`` itself."""
 
     def __init__(self, engine: Engine, proc, policy: TagPolicy, on_token: Callable[[dict[str, Any]], None]):
+        super().__init__()
         self.engine, self.proc, self.policy, self.on_token = engine, proc, policy, on_token
-        self.prompt_seen = False
         self.ids: list[int] = []
         self.text = ""
         self.events: list[dict[str, Any]] = []
         self.alarms: list[dict[str, Any]] = []
-        tok, schema = engine.tokenizer, engine.schema
-        self.tag_of_id = {tok.convert_tokens_to_ids(schema.open_token(t)): t for t in schema.tag_names}
-        self.cols = {t: proc.slot_of_tag(t) for t in schema.tag_names}
+        self.tag_of_id = engine.vocab.tag_of_id
+        self.cols = {t: proc.slot_of_tag(t) for t in engine.schema.tag_names}
         self.n_operator_rules = len(engine.operator.rules)
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        for tid in value.reshape(-1).tolist():
-            self._token(int(tid))
+    def peak(self) -> dict[str, float]:
+        """Per tag, the highest temptation over the tokens sent so far (0 before any)."""
+        return {t: max((e["temptation"].get(t, 0.0) for e in self.events), default=0.0) for t in self.cols}
 
-    def end(self) -> None:
-        pass
-
-    def _token(self, tid: int) -> None:
+    def token(self, tid: int) -> None:
         step = len(self.ids)
         if step >= len(self.proc.temptations):  # defensive: a token the processor never saw is not ours to send
             return

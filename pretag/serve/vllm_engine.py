@@ -31,6 +31,7 @@ from typing import Any
 from pretag.control import TagPolicy, TagProcessor
 from pretag.schema import Schema
 from pretag.serve.engine import Engine, GenParams, _EventStreamer, _LogprobProcessor, load_operator_policy
+from pretag.tokens import TagVocab
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ def load_llm(model_dir: str | Path, *, kv_cache_gib: int = 1):
 
 
 def _context_length(model_dir: str | Path) -> int:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 2048)
+    from pretag.generate import context_limit
+
+    return context_limit(json.loads((Path(model_dir) / "config.json").read_text()), 2048)
 
 
 class VllmEngine(Engine):
@@ -145,7 +147,7 @@ class VllmEngine(Engine):
         self.operator.validate(schema)
         merge(self.operator, RequestPolicy(), schema)
         self.name, self.device, self.context_length = name, "vllm:cpu", context_length
-        self.doc_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.vocab = TagVocab(tokenizer, schema)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, policy: str | Path | None = None, device: str | None = None
@@ -184,7 +186,7 @@ class VllmEngine(Engine):
                         continue
                     new = list(out.outputs[0].token_ids)[seen:]
                     for tid in new:
-                        streamer._token(int(tid))
+                        streamer.token(int(tid))
                     seen += len(new)
                     if out.finished:
                         reason = "stop" if out.outputs[0].finish_reason == "stop" else "length"
@@ -197,11 +199,9 @@ class VllmEngine(Engine):
             ROWS.pop(key, None)
         if cancelled():
             reason = "cancelled"
-        peak = {t: max((e["temptation"].get(t, 0.0) for e in streamer.events), default=0.0)
-                for t in self.schema.tag_names}
         shown = [e["id"] for e in streamer.events if e["id"] != self.tokenizer.eos_token_id]
         slot_ids = set(proc.slot_ids)
         text = self.tokenizer.decode([i for i in shown if i not in slot_ids], skip_special_tokens=False)
         rendered = self.tokenizer.decode(shown, skip_special_tokens=False)
         return {"text": text, "rendered": rendered, "n_tokens": len(streamer.events), "finish_reason": reason,
-                "alarms": streamer.alarms, "max_temptation": peak, "model_s": round(time.perf_counter() - t0, 6)}
+                "alarms": streamer.alarms, "max_temptation": streamer.peak(), "model_s": round(time.perf_counter() - t0, 6)}
