@@ -24,6 +24,18 @@ from pretag.schema import Schema
 from pretag.tokens import TagVocab, pad_id
 
 logger = logging.getLogger(__name__)
+
+
+class _MaskedAnyway(logging.Filter):
+    """transformers' ``generate`` drops the all-ones attention mask pretag passes when no row is padded, then warns
+    that none was passed ("We strongly recommend passing in an `attention_mask`"). pretag always passes one, so on
+    its console the warning is noise a user cannot act on; a padded batch keeps its mask and never warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_MaskedAnyway())
 DEFAULT_THRESHOLDS = (0.1, 0.5)
 
 

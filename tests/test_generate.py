@@ -296,3 +296,33 @@ def test_cli_context_and_invalid_utf8_are_one_line_errors(tiny, tmp_path, capsys
     assert rc == 2 and "--prompt is not valid UTF-8 (byte 0xff at character 1)" in err
     rc = main(["tokenize", str(d), "--text", "a\udcffb"])
     assert rc == 2 and "--text is not valid UTF-8" in capsys.readouterr().err
+
+
+def test_unpadded_generation_prints_no_spurious_attention_mask_warning(tiny, monkeypatch):
+    """transformers drops the all-ones mask pretag passes and then warns that none was passed; pretag filters it."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, tok, schema, _ = tiny
+    monkeypatch.setattr(model.config, "pad_token_id", tok.convert_tokens_to_ids(tok.eos_token))  # pad == start
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    seen: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    grab = Grab()
+    hf_log.addHandler(grab)
+    try:
+        for filters in (hf_log.filters, []):  # pretag's filter, then none: the warning is really raised here
+            monkeypatch.setattr(hf_log, "filters", list(filters))
+            hf_logging.warning_once.cache_clear()
+            seen.clear()
+            generate(model, tok, schema, ["", ""], "ban:bad", GenerateConfig(max_new_tokens=3, seed=0))
+            if filters:
+                assert not [m for m in seen if "attention_mask" in m]
+        assert [m for m in seen if "attention_mask" in m]
+    finally:
+        hf_log.removeHandler(grab)
