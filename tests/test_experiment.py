@@ -414,3 +414,11 @@ def test_saved_evaluations_read_back_into_typed_results_byte_for_byte(tiny_run):
     for p in files:
         text = p.read_text()
         assert json.dumps(EvalResult.from_dict(json.loads(text)).to_dict(), indent=2, default=str) == text, p.name
+
+
+def test_demo_prints_an_unbounded_interval_instead_of_crashing():
+    """With no bad sentence left in a bootstrap resample the ratio's upper bound is None; the demo printed it with
+    :.2f and died with a TypeError after the whole evaluation."""
+    from pretag.commands.demo import _bound
+
+    assert (_bound(None), _bound(2.8)) == ("–", "2.80")

@@ -67,13 +67,18 @@ def run(args) -> int:
     cond = next((r for r in res["rows"] if r["run"] == "conditional"), None)
     for key, what in (("mle_ratio", "misalignment score"), ("mle_ratio_bad_segments", "fraction of bad segments")):
         if cond and cond.get(f"{attr}.{key}") is not None:
-            lo, hi = cond[f"{attr}.{key}_lo"], cond[f"{attr}.{key}_hi"]
-            verdict = "excludes 1: a real effect" if lo > 1 or hi < 1 else "includes 1: no effect shown"
+            lo, hi = cond[f"{attr}.{key}_lo"], cond[f"{attr}.{key}_hi"]  # None: unbounded (no bad sample left)
+            verdict = ("excludes 1: a real effect" if (lo is not None and lo > 1) or (hi is not None and hi < 1)
+                       else "includes 1: no effect shown")
             print(f"MLE ÷ conditional, {what}: {cond[f'{attr}.{key}']:.2f}x "
-                  f"(95% CI {lo:.2f}-{hi:.2f}; the interval {verdict})")
+                  f"(95% CI {_bound(lo)}-{_bound(hi)}; the interval {verdict})")
     print("\n== one controlled generation (conditional model, default policy), coloured by temptation toward "
           "banned tags ==\n")
     print(format_trace(seq, colour=sys.stdout.isatty()))
     print(f"\nreport: {Path(args.out) / 'report.html'}  (tables: results.md/.csv, plots: pareto.png, "
           "temptation.png)")
     return 0
+
+
+def _bound(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
