@@ -39,9 +39,9 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 # The demo: conditional training + its tag policy against MLE on the shipped checkpoints (demo/checkpoints,
-# trained by `pretag experiment readability`): results table with intervals, a temptation trace, the HTML report.
+# inline-tagged profanity, README "Results"): results table with intervals, a temptation trace, the HTML report.
 demo: setup
-	$(BIN)/pretag demo --samples 4096 --out runs/demo
+	$(BIN)/pretag demo --samples 2048 --out runs/demo
 
 # The labeling job that was the main command before the demo existed (the paper's PEP8 corpus).
 label-stdlib: setup
