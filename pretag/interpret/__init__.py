@@ -1,7 +1,7 @@
 """The interpretability bridge (issue 14): which internal features drive the tag logits, and what editing them does.
 
     from pretag.interpret import InterpretConfig, interpret
-    res = interpret("demo/checkpoints/conditional", "runs/fortunes-readability", out="runs/interpret")
+    res = interpret("demo/checkpoints/conditional", "runs/demo/data-inline", out="runs/interpret")
     res["layers"]          # one record per residual layer: probe AUROC [95 %], cosines with the tag rows
     res["attribution"]     # direct logit attribution of logit(bad) - logit(good) per head / MLP / embedding
     res["features"]        # SAE features ranked by correlation with P(bad tag), with their top segments
