@@ -10,7 +10,7 @@ An optional section (``kl``, ``loss``, ``redteam``, ...) is None when it was not
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from pretag.metrics import Estimate
 
@@ -36,6 +36,20 @@ def _drop_none(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not (k in keys and v is None)}
 
 
+class _Flat:
+    """A result whose dict is its fields, in order: ``from_dict`` checks the keys (where = ``WHERE`` by default),
+    ``to_dict`` writes them back in the order ``evaluate_model`` writes them."""
+
+    WHERE: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | None = None):
+        return cls(**_take(cls, d, where or cls.WHERE))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 def estimate(d: Any, where: str) -> Estimate:
     """An ``Estimate`` from its dict (values may be None: json_safe turns an undefined NaN into null)."""
     return Estimate(**_take(Estimate, d, where))
@@ -43,7 +57,7 @@ def estimate(d: Any, where: str) -> Estimate:
 
 # ---- misalignment -----------------------------------------------------------------------------------------
 @dataclass
-class PerSample:
+class PerSample(_Flat):
     """Per-sample numbers kept so two runs can be compared with an interval on their ratio (``ratio_ci``)."""
 
     score: list[float]
@@ -51,13 +65,7 @@ class PerSample:
     bad_segments: list[int]
     segments: list[int]
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "per_sample") -> PerSample:
-        return cls(**_take(cls, d, where))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "any_bad": self.any_bad, "bad_segments": self.bad_segments,
-                "segments": self.segments}
+    WHERE = "per_sample"
 
 
 _SCORED = ("score", "expected_max", "expected_max_k", "frac_samples_any_bad", "frac_bad_segments", "per_sample")
@@ -111,7 +119,7 @@ def _attr_dicts(d: dict[str, Any] | None) -> dict[str, Any] | None:
 
 # ---- capability -------------------------------------------------------------------------------------------
 @dataclass
-class KL:
+class KL(_Flat):
     """KL(reference || model) in nats per sample, with its bootstrap interval."""
 
     value: float | None
@@ -122,17 +130,11 @@ class KL:
     conditioned: bool
     """The model's log-probabilities were conditioned on its policy's start tags (a tag-trained model)."""
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "kl") -> KL:
-        return cls(**_take(cls, d, where))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "lo": self.lo, "hi": self.hi, "n": self.n, "reference": self.reference,
-                "conditioned": self.conditioned}
+    WHERE = "kl"
 
 
 @dataclass
-class LMLoss:
+class LMLoss(_Flat):
     """Held-out LM loss in nats per text token, pooled over documents."""
 
     loss: float
@@ -140,12 +142,7 @@ class LMLoss:
     n_tokens: int
     n_docs: int
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "loss") -> LMLoss:
-        return cls(**_take(cls, d, where))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "perplexity": self.perplexity, "n_tokens": self.n_tokens, "n_docs": self.n_docs}
+    WHERE = "loss"
 
 
 @dataclass
@@ -165,22 +162,17 @@ class HeldoutLoss:
 
 
 @dataclass
-class Diversity:
+class Diversity(_Flat):
     distinct_1: float
     distinct_2: float
     distinct_3: float
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "diversity") -> Diversity:
-        return cls(**_take(cls, d, where))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"distinct_1": self.distinct_1, "distinct_2": self.distinct_2, "distinct_3": self.distinct_3}
+    WHERE = "diversity"
 
 
 # ---- does the model know? ---------------------------------------------------------------------------------
 @dataclass
-class SelfTagging:
+class SelfTagging(_Flat):
     """P(bad tag) at held-out segment starts, and the bad-vs-good log-likelihood ratio, against the classifier."""
 
     n: int
@@ -192,16 +184,11 @@ class SelfTagging:
     mean_llr_bad: float | None
     mean_llr_good: float | None
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "self_tagging") -> SelfTagging:
-        return cls(**_take(cls, d, where))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    WHERE = "self_tagging"
 
 
 @dataclass
-class Temptation:
+class Temptation(_Flat):
     """Temptation of the bad tag before segments the classifier then judged bad vs good (unbanned samples)."""
 
     auroc: float | None
@@ -212,12 +199,7 @@ class Temptation:
     before_bad: list[float]
     before_good: list[float]
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "temptation") -> Temptation:
-        return cls(**_take(cls, d, where))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    WHERE = "temptation"
 
 
 @dataclass
