@@ -30,6 +30,7 @@ import yaml
 
 from pretag.modeldir import TRAIN_FILE, ModelDir, ModelDirError
 from pretag.objectives import OBJECTIVES, PAPER_OBJECTIVES
+from pretag.problems import Problems
 from pretag.report import (  # noqa: F401  (tables and plots moved to pretag.report; these names stay importable)
     markdown_table,
     plot_pareto,
@@ -141,7 +142,7 @@ def config_from_dict(d: dict[str, Any], *, quick: bool = False, where: str = "<d
     q = d.pop("quick", None) or {}
     if quick:
         d = _deep_update(d, q)
-    problems: list[str] = []
+    problems = Problems()
     top = _known(ExperimentConfig)
     problems += [f"unknown key {k!r} (known: {', '.join(sorted(top | {'quick'}))})" for k in d if k not in top]
     sections = {}
@@ -188,8 +189,7 @@ def config_from_dict(d: dict[str, Any], *, quick: bool = False, where: str = "<d
     mo = d.get("method_overrides") or {}
     problems += [f"method_overrides: unknown objective {m!r}" for m in mo if m not in OBJECTIVES]
     problems += _train_key_problems(d.get("train"), mo)
-    if problems:
-        raise ValueError(f"{where}: {len(problems)} problem(s) in the experiment config:\n  - " + "\n  - ".join(problems))
+    problems.check(ValueError, where, of="the experiment config")
     rest = {k: v for k, v in d.items() if k in top and k not in sections}
     return ExperimentConfig(**{**rest, "name": str(d.get("name") or "experiment"), **sections})
 
