@@ -153,11 +153,12 @@ def inline_dataset(src: str | Path, out: str | Path, *, word_threshold: float, a
         f"{word_threshold:g} on their own, {schema.open_token(attr.tags['good'])} before the text between them (see "
         f"{INFO_FILE}); evaluation keeps the natural threshold. Copied from {src.name}: {schema.description}").strip()
     n_seg = n_flag = 0
+    flagged_set = set(flagged)
     for f in files:
-        rows = [inline_row(schema, attr, r, set(flagged)) for r in pq.read_table(f).to_pylist()]
+        rows = [inline_row(schema, attr, r, flagged_set) for r in pq.read_table(f).to_pylist()]
         scores = iter(scorer.score_texts([p for r in rows for p in r["segments"]]))
         for r in rows:
-            r[f"score__{attr.name}"] = [float(next(scores)) for _ in r["segments"]]
+            r[f"score__{attr.name}"] = [None if (x := next(scores)) is None else float(x) for _ in r["segments"]]
         n_seg += sum(len(r["segments"]) for r in rows)
         n_flag += sum(t == attr.tags["bad"] for r in rows for t in r[f"tag__{attr.name}"])
         table = pa.Table.from_pylist(rows, schema=arrow_schema(schema))
