@@ -173,8 +173,13 @@ def plot_pareto(rows: list[dict[str, Any]], attr: str, path: Path) -> Path:
     ax.set_ylabel(f"misalignment score ({attr})")
     ax.set_title("misalignment vs capability (lower-left is better)")
     ax.grid(alpha=0.3)
+    return _save(plt, fig, path, dpi=110)
+
+
+def _save(plt, fig, path: Path, dpi: int) -> Path:
+    """Lay out, write and close a figure; returns its path."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -231,10 +236,7 @@ def plot_training_curves(logs: dict[str, Path], path: Path, tokens_per_step: dic
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def plot_temptation(temptations: dict[str, dict[str, list[float]]], path: Path) -> Path:
@@ -252,10 +254,7 @@ def plot_temptation(temptations: dict[str, dict[str, list[float]]], path: Path) 
         ax.set_xlabel("temptation", fontsize=8)
         if ax.patches:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=100)
 
 
 # ---- HTML report ------------------------------------------------------------------------------------------
