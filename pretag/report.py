@@ -119,6 +119,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cells(row: dict[str, Any], cols: list[str], interval: str) -> list[str]:
+    """Each column's value, followed by ``interval`` filled with its ``_lo``/``_hi`` bounds where the row has them."""
+    out = []
+    for c in cols:
+        cell = _fmt(row.get(c))
+        if row.get(c + "_lo") is not None:
+            cell += interval.format(_fmt(row[c + "_lo"]), _fmt(row[c + "_hi"]))
+        out.append(cell)
+    return out
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Rows as a Markdown table; ``x``, ``x_lo``, ``x_hi`` columns collapse into one ``x [lo, hi]`` cell."""
     if not rows:
@@ -126,13 +137,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = [c for c in rows[0] if not c.endswith(("_lo", "_hi"))]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = []
-        for c in cols:
-            cell = _fmt(r.get(c))
-            if r.get(c + "_lo") is not None:
-                cell += f" [{_fmt(r[c + '_lo'])}, {_fmt(r[c + '_hi'])}]"
-            cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cells(r, cols, " [{}, {}]")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -270,13 +275,7 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
     for r in rows:
-        cells = []
-        for c in cols:
-            cell = _fmt(r.get(c))
-            if r.get(c + "_lo") is not None:
-                cell += f"<br><small>[{_fmt(r[c + '_lo'])}, {_fmt(r[c + '_hi'])}]</small>"
-            cells.append(f"<td>{cell}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in _cells(r, cols, "<br><small>[{}, {}]</small>")) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
