@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +117,7 @@ def inline_dataset(src: str | Path, out: str | Path, *, word_threshold: float, a
 
     ``word_threshold`` is on the attribute's own scale and direction (profanity: a word scoring above 0.1 alone).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pretag.label import arrow_schema, atomic_write_bytes, schema_yaml, shard_files, summarize
+    from pretag.label import atomic_write_bytes, read_shard, schema_yaml, shard_files, summarize, write_rows
     from pretag.schema import load_schema
     from pretag.scorers import build_scorer
 
@@ -139,7 +135,7 @@ def inline_dataset(src: str | Path, out: str | Path, *, word_threshold: float, a
         raise FileNotFoundError(f"{src} holds no part-*.parquet shards")
     words: set[str] = set()
     for f in files:
-        for segs in pq.read_table(f, columns=["segments"]).column("segments").to_pylist():
+        for segs in read_shard(f, ["segments"]).column("segments").to_pylist():
             words.update(m.group(0).lower() for s in segs for m in WORD.finditer(s))
     flagged = flagged_words(attr, sorted(words), word_threshold)
     log.info("%s: %d of %d distinct words score worse than %g on their own", attr.name, len(flagged), len(words),
@@ -155,16 +151,13 @@ def inline_dataset(src: str | Path, out: str | Path, *, word_threshold: float, a
     n_seg = n_flag = 0
     flagged_set = set(flagged)
     for f in files:
-        rows = [inline_row(schema, attr, r, flagged_set) for r in pq.read_table(f).to_pylist()]
+        rows = [inline_row(schema, attr, r, flagged_set) for r in read_shard(f).to_pylist()]
         scores = iter(scorer.score_texts([p for r in rows for p in r["segments"]]))
         for r in rows:
             r[f"score__{attr.name}"] = [None if (x := next(scores)) is None else float(x) for _ in r["segments"]]
         n_seg += sum(len(r["segments"]) for r in rows)
         n_flag += sum(t == attr.tags["bad"] for r in rows for t in r[f"tag__{attr.name}"])
-        table = pa.Table.from_pylist(rows, schema=arrow_schema(schema))
-        tmp = out / f".{f.name}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, out / f.name)
+        write_rows(out / f.name, schema, rows)
     atomic_write_bytes(out / "schema.yaml", schema_yaml(schema))
     info = {"source": str(src), "attribute": attr.name, "word_threshold": word_threshold,
             "distinct_words": len(words), "flagged_words": len(flagged), "pieces": n_seg, "flagged_runs": n_flag,

@@ -212,10 +212,15 @@ def shard_inputs_hash(path: Path) -> str | None:
 
 def write_shard(path: Path, schema: Schema, docs: list[LabeledDoc], inputs: str | None = None) -> None:
     """Write one shard atomically: readers (and a resumed run) never see a half-written file."""
+    write_rows(path, schema, [d.to_row(schema) for d in docs], inputs)
+
+
+def write_rows(path: Path, schema: Schema, rows: list[dict[str, Any]], inputs: str | None = None) -> None:
+    """:func:`write_shard` for rows already in the shard format (``LabeledDoc.to_row``; ``fields`` as JSON)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows, aschema = [d.to_row(schema) for d in docs], arrow_schema(schema)
+    aschema = arrow_schema(schema)
     table = pa.Table.from_arrays([arrow_column([r[f.name] for r in rows], f.type) for f in aschema], schema=aschema)
     if inputs is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), INPUTS_KEY: inputs.encode()})
