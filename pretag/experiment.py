@@ -329,6 +329,12 @@ def reuse_problems(cfg: ExperimentConfig, out: Path, schema_name: str) -> list[s
         if diff:
             problems.append(f"data: {out / 'data'} was labeled with other settings ({', '.join(diff)}), and every "
                             "model here was trained on it")
+    made = out / "data-inline" / "inline.json"
+    if made.exists() and (out / "models").exists():  # models here were trained on this inline copy
+        was = json.loads(made.read_text()).get("word_threshold")
+        if was != cfg.data.inline_word_threshold:
+            problems.append(f"data: the models in {out / 'models'} were trained on inline tags at word threshold "
+                            f"{was!r}, this config asks for {cfg.data.inline_word_threshold!r}")
     for p in plan_runs(cfg, out):
         try:
             tcfg = train_config(p, cfg, schema_name)

@@ -144,3 +144,18 @@ def test_demo_rebuilds_an_inline_experiments_data_from_the_source(tmp_path):
 
     d = demo_experiment(DemoConfig(checkpoints=dest))
     assert d["data"]["schema"] == str(dest / "schema.yaml") and d["data"]["inline_word_threshold"] == 0.5
+
+
+def test_experiment_refuses_models_trained_on_another_inline_threshold(tmp_path):
+    from pretag import experiment as ex
+
+    src = _dataset(tmp_path)
+    out = tmp_path / "out"
+    ex._inline_copy(src, out / "data-inline", 0.5)
+    (out / "models").mkdir()
+    d = {"name": "x", "data": {"labeled": str(src), "inline_word_threshold": 0.9}, "methods": ["mle"],
+         "model": "micro"}
+    problems = ex.reuse_problems(ex.config_from_dict(d), out, "tox")
+    assert any("word threshold 0.5" in p and "0.9" in p for p in problems), problems
+    d["data"]["inline_word_threshold"] = 0.5
+    assert not [p for p in ex.reuse_problems(ex.config_from_dict(d), out, "tox") if "inline" in p]
