@@ -234,6 +234,18 @@ def uses_tags(model_dir) -> bool:
     return ModelDir(model_dir).tagged
 
 
+def task_schema(own, schema, tokenizer, tagged: bool, where):
+    """``schema`` if a model trained under ``own`` can be evaluated with it, else a ValueError that says why."""
+    want = [schema.open_token(t) for t in schema.tag_names]
+    if tagged and sorted(want) != sorted(own.open_token(t) for t in own.tag_names):
+        raise ValueError(f"{where} was trained with the tags of schema {own.name!r}; it cannot be evaluated with "
+                         f"schema {schema.name!r}, whose tags differ")
+    missing = [t for t in want if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        raise ValueError(f"{where}: its tokenizer has no {', '.join(missing)} (schema {schema.name!r}'s tags)")
+    return schema
+
+
 def sampling_policy(schema, tagged: bool):
     """The paper's sampling: a tag-trained model is conditioned on the good tags (bad ones banned, a tag forced
     at each segment start); any other model samples plain text (every tag banned, nothing forced)."""
@@ -561,11 +573,14 @@ def evaluate_model(
     seed: int = 0,
     n_resamples: int = 1000,
     keep_samples: int = 8,
+    schema=None,
 ) -> dict:
     """Every metric of issue 5 for one model directory (see docs/evaluation.md for each field).
 
     ``data`` (a labeled dataset) enables held-out loss, self-tagging and red-team prompts; ``reference`` (a model
-    dir) enables KL. Deterministic for a ``seed``.
+    dir) enables KL. Deterministic for a ``seed``. ``schema`` scores the samples with another task's schema than
+    the model's own: any schema for a model that never read tags (an MLE baseline shared by two tasks on the same
+    text), only one with the same tags for a tag-trained model.
     """
     import time
 
@@ -573,9 +588,10 @@ def evaluate_model(
     from pretag.models import load_model_dir
 
     t0 = time.perf_counter()
-    model, tok, schema = load_model_dir(model_dir)
+    model, tok, own = load_model_dir(model_dir)
     model.eval()
     tagged = uses_tags(model_dir)
+    schema = own if schema is None else task_schema(own, schema, tok, tagged, model_dir)
     pol = load_policy(policy, schema) if policy is not None else sampling_policy(schema, tagged)
     check_sampling_context(model, tok, schema, pol, max_new_tokens, reference)  # before any sampling
     boot = {"n_resamples": n_resamples, "seed": seed}

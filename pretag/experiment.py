@@ -478,6 +478,7 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
               settings: dict[str, Any]) -> EvalResult:
     """Evaluate one run, or reuse its cached evaluation when the settings are unchanged."""
     from pretag.evaluate import evaluate_model
+    from pretag.schema import load_schema
 
     e = cfg.eval
     path = out / "evals" / f"{run.replace('→', '-then-')}.json"
@@ -495,7 +496,8 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
     r = evaluate_model(model_dir, data=data, samples=e.samples, max_new_tokens=e.max_new_tokens,
                        temperature=e.temperature, reference=reference, reference_samples_n=e.reference_samples,
                        cache_dir=out / "cache", heldout_docs=e.heldout_docs, redteam_n=e.redteam_prompts,
-                       policy=cfg.policy or None, batch_size=e.batch_size, seed=cfg.seed)
+                       policy=cfg.policy or None, batch_size=e.batch_size, seed=cfg.seed,
+                       schema=load_schema(data / "schema.yaml"))
     r["experiment_settings"] = settings
     path.write_text(json.dumps(r, indent=2, default=str))
     return EvalResult.from_dict(r, where=str(path))

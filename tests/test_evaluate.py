@@ -449,3 +449,33 @@ def test_kl_to_a_plain_hf_reference_model_is_closed_form_for_uniform_models(tmp_
     assert [s["logp_ref"] for s in samples] == pytest.approx([-n * math.log(v_ref) for n in lengths], rel=1e-5)
     assert kl["value"] == pytest.approx(np.mean(lengths) * math.log(v_mine / v_ref), rel=1e-4)
     assert kl["value"] > 0
+
+
+def test_an_mle_model_is_scored_with_another_tasks_schema_and_a_tagged_one_only_with_its_own_tags(tmp_path):
+    """One MLE baseline serves two tasks on the same text (it never read a tag): its samples are scored by the
+    schema it is evaluated with. A tag-trained model is refused a schema whose tags are not the ones it learned."""
+    from pretag.models import save_model_dir
+    from pretag.schema import schema_from_dict
+    from pretag.tokens import add_tag_tokens
+
+    def schema(name: str, tags: dict | None = None):
+        attr = {"name": name, "scorer": {"type": "regex", "patterns": ["a"]}, "threshold": 0}
+        return schema_from_dict({"name": name, "segmenter": "lines",
+                                 "attributes": [{**attr, **({"tags": tags} if tags else {})}]})
+
+    tok = tiny_char_tokenizer()
+    add_tag_tokens(tok, xschema())
+    model = tiny_model(len(tok))
+    mle = save_model_dir(model, tok, xschema(), {"config": {"method": "mle"}}, tmp_path / "mle")
+    cond = save_model_dir(model, tok, xschema(), {"config": {"method": "conditional"}}, tmp_path / "cond")
+    own = ev.evaluate_model(mle, samples=8, max_new_tokens=8)
+    other = ev.evaluate_model(mle, samples=8, max_new_tokens=8, schema=schema("a"))
+    assert own["schema"] == "x" and set(own["misalignment"]) == {"x"}
+    assert other["schema"] == "a" and set(other["misalignment"]) == {"a"}
+    # the same samples (same seed, the same plain policy), judged by the other task's classifier
+    assert other["examples"] == own["examples"]
+    assert ev.evaluate_model(cond, samples=4, max_new_tokens=8, schema=schema("a"))["schema"] == "a"
+    with pytest.raises(ValueError, match="trained with the tags of schema 'x'.*schema 'b', whose tags differ"):
+        ev.evaluate_model(cond, samples=4, max_new_tokens=8, schema=schema("b", {"good": "ok", "bad": "neg"}))
+    with pytest.raises(ValueError, match=r"tokenizer has no <\|ok\|>, <\|neg\|>"):
+        ev.evaluate_model(mle, samples=4, max_new_tokens=8, schema=schema("b", {"good": "ok", "bad": "neg"}))

@@ -213,3 +213,18 @@ def test_hf_scorer_errors(tmp_path, tiny_classifier):
         build_scorer({"type": "hf", "model": str(tmp_path)})
     with pytest.raises(ScorerError, match="no label 'angry'"):
         build_scorer({"type": "hf", "model": str(tiny_classifier), "label": "angry"}).score_texts(["x"])
+
+
+def test_sentiment_neg_measure_is_vaders_negative_share_and_flags_single_negative_words():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    a = SentimentIntensityAnalyzer()
+    s = build_scorer({"type": "sentiment", "measure": "neg"})
+    got = s.score_texts(PROSE + ["hate", "table", "lovely", "  "])
+    assert got[: len(PROSE)] == pytest.approx([a.polarity_scores(t)["neg"] for t in PROSE])
+    assert got[-4:] == [1.0, 0.0, 0.0, 0.0]  # a lexicon-negative word alone is all negative; neutral/positive none
+    assert all(0.0 <= x <= 1.0 for x in got)
+    with pytest.raises(ScorerError, match="measure must be one of compound, neg, not 'pos'"):
+        build_scorer({"type": "sentiment", "measure": "pos"})
+    with pytest.raises(ScorerError, match="has no option 'measur'"):
+        build_scorer({"type": "sentiment", "measur": "neg"})

@@ -59,13 +59,25 @@ class ProfanityScorer(Scorer):
 
 
 class SentimentScorer(Scorer):
-    """VADER's compound sentiment, a stand-in for emotion tags such as ``<angry>``."""
+    """VADER sentiment, a stand-in for emotion tags such as ``<angry>``.
+
+    ``measure: compound`` (default) is VADER's compound score in [-1, 1], higher is better. ``measure: neg`` is the
+    share of the text's sentiment-bearing weight that is negative, in [0, 1], higher is worse: a positive number
+    with a true zero, so a misalignment score built on it has a meaningful ratio (MLE ÷ conditional), and a single
+    word scores 1.0 exactly when VADER's lexicon calls it negative (what inline tags need, ``pretag inline``).
+    """
 
     name = "sentiment"
-    meaning = "VADER compound sentiment in [-1, 1]; higher is better (more positive)"
+    meaning = ("VADER sentiment: compound in [-1, 1], higher is better (more positive); with measure: neg, the "
+               "negative share in [0, 1], higher is worse")
+    options = {"measure": "compound (default; higher is better) or neg (negative share; higher is worse)"}
+    MEASURES = ("compound", "neg")
 
     def __init__(self, **opts) -> None:
         super().__init__(**opts)
+        self.measure = opts.get("measure", "compound")
+        if self.measure not in self.MEASURES:
+            raise ScorerError(f"sentiment: measure must be one of {', '.join(self.MEASURES)}, not {self.measure!r}")
         self._analyzer = None
 
     def score_texts(self, texts: list[str]) -> list[float]:
@@ -73,7 +85,8 @@ class SentimentScorer(Scorer):
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
             self._analyzer = SentimentIntensityAnalyzer()
-        return [float(self._analyzer.polarity_scores(t)["compound"]) if t.strip() else 0.0 for t in texts]
+        m = self.measure
+        return [float(self._analyzer.polarity_scores(t)[m]) if t.strip() else 0.0 for t in texts]
 
     def __getstate__(self):
         return {**self.__dict__, "_analyzer": None}
