@@ -118,7 +118,8 @@ SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "
 def export_checkpoints(experiment_out: str | Path, dest: str | Path = CHECKPOINTS, *,
                        data: dict[str, Any] | None = None) -> Path:
     """Copy an experiment's ``mle`` and ``conditional`` models into ``dest`` as bf16 safetensors (half the size;
-    ``load_model_dir`` casts back to float32), with the ``demo.yaml`` that re-evaluates them.
+    ``load_model_dir`` casts back to float32), with the ``demo.yaml`` that re-evaluates them. An experiment whose
+    tag-trained run is ``conditional_ul`` ships that one as ``conditional/`` (the demo's policy is the same).
 
     ``data`` replaces the experiment's data section in ``demo.yaml`` (e.g. ``{source: fortunes, schema: toxicity}``
     instead of a local labeled dir), so a fresh machine can rebuild the held-out split by labeling again.
@@ -131,8 +132,10 @@ def export_checkpoints(experiment_out: str | Path, dest: str | Path = CHECKPOINT
 
     src, dest = Path(experiment_out), Path(dest)
     cfg = yaml.safe_load((src / "config.yaml").read_text())
-    for run in ("mle", "conditional"):
-        md, out = src / "models" / run, dest / run
+    ran = [*(cfg.get("methods") or []), *(cfg.get("pretrained") or {})]
+    tagged = next((r for r in ("conditional", "conditional_ul") if r in ran), "conditional")
+    for run, name in (("mle", "mle"), (tagged, "conditional")):  # the tag-trained run ships as conditional/
+        md, out = src / "models" / run, dest / name
         if not (md / "pretag_train.yaml").exists() and run in (cfg.get("pretrained") or {}):
             md = Path(cfg["pretrained"][run])  # a run the experiment evaluated from an earlier one's model dir
         if not (md / "pretag_train.yaml").exists():

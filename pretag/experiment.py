@@ -483,8 +483,11 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
     e = cfg.eval
     path = out / "evals" / f"{run.replace('→', '-then-')}.json"
     path.parent.mkdir(exist_ok=True)
-    # the model too, not only the settings: a model retrained in place must not keep its predecessor's evaluation
-    settings = {**settings, "model": hashlib.sha1((model_dir / TRAIN_FILE).read_bytes()).hexdigest()[:16]}
+    # the model too, not only the settings: a model retrained in place must not keep its predecessor's evaluation;
+    # and the schema its samples are scored with: one MLE model may serve two tasks (evaluate_model's
+    # schema=), and an evaluation under one task's classifier must not stand in for another's
+    settings = {**settings, "model": hashlib.sha1((model_dir / TRAIN_FILE).read_bytes()).hexdigest()[:16],
+                "schema": hashlib.sha1((data / "schema.yaml").read_bytes()).hexdigest()[:16]}
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("experiment_settings") == settings:

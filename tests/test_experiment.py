@@ -422,3 +422,53 @@ def test_demo_prints_an_unbounded_interval_instead_of_crashing():
     from pretag.commands.demo import _bound
 
     assert (_bound(None), _bound(2.8)) == ("–", "2.80")
+
+
+def test_demo_ships_a_conditional_ul_run_as_its_conditional_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pretag.demo import export_checkpoints
+
+    _, out = tiny_run
+    src = tmp_path / "exp"
+    (src / "models").mkdir(parents=True)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    (src / "config.yaml").write_text(yaml.safe_dump({**cfg, "methods": ["mle", "conditional_ul"]}))
+    shutil.copytree(out / "models" / "mle", src / "models" / "mle")
+    shutil.copytree(out / "models" / "conditional", src / "models" / "conditional_ul")
+    ck = export_checkpoints(src, tmp_path / "ck")
+    got = load_file(ck / "conditional" / "model.safetensors")
+    want = load_file(src / "models" / "conditional_ul" / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in got)
+    assert (ck / "conditional" / "pretag_train.yaml").read_text() == \
+        (src / "models" / "conditional_ul" / "pretag_train.yaml").read_text()
+
+
+def test_a_cached_evaluation_is_not_reused_under_another_tasks_schema(tiny_run, tmp_path, monkeypatch):
+    """One MLE model serves two tasks; its evaluation under one schema must not stand in for the other's."""
+    import shutil
+
+    from pretag import evaluate
+
+    _, out = tiny_run
+    saved = json.loads((out / "evals" / "mle.json").read_text())
+    calls = []
+
+    def fake_evaluate_model(model_dir, **kw):
+        calls.append(kw["schema"].name)
+        return {k: v for k, v in saved.items() if k != "experiment_settings"}
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate_model)
+    cfg = ex.load_config(out / "config.yaml")
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(out / "data", a)
+    shutil.copytree(out / "data", b)
+    (b / "schema.yaml").write_text((b / "schema.yaml").read_text().replace("name: pep8", "name: pep8-other", 1))
+    settings = {"samples": 4, "seed": 0}
+    for data in (a, a, b, a):
+        ex._evaluate("mle", out / "models" / "mle", data, tmp_path / "exp", cfg, None, settings)
+    assert calls == ["pep8", "pep8-other", "pep8"]  # the second call on a was cached; b's schema was not
