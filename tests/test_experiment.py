@@ -469,6 +469,7 @@ def test_a_cached_evaluation_is_not_reused_under_another_tasks_schema(tiny_run, 
     shutil.copytree(out / "data", b)
     (b / "schema.yaml").write_text((b / "schema.yaml").read_text().replace("name: pep8", "name: pep8-other", 1))
     settings = {"samples": 4, "seed": 0}
+    (tmp_path / "exp").mkdir()
     for data in (a, a, b, a):
         ex._evaluate("mle", out / "models" / "mle", data, tmp_path / "exp", cfg, None, settings)
     assert calls == ["pep8", "pep8-other", "pep8"]  # the second call on a was cached; b's schema was not
