@@ -240,9 +240,10 @@ def task_schema(own, schema, tokenizer, tagged: bool, where):
     if tagged and sorted(want) != sorted(own.open_token(t) for t in own.tag_names):
         raise ValueError(f"{where} was trained with the tags of schema {own.name!r}; it cannot be evaluated with "
                          f"schema {schema.name!r}, whose tags differ")
-    missing = [t for t in want if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
-    if missing:
-        raise ValueError(f"{where}: its tokenizer has no {', '.join(missing)} (schema {schema.name!r}'s tags)")
+    try:
+        TagVocab(tokenizer, schema).checked()
+    except ValueError as e:
+        raise ValueError(f"{where}: cannot be evaluated with schema {schema.name!r}: {e}") from None
     return schema
 
 

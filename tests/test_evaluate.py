@@ -477,5 +477,5 @@ def test_an_mle_model_is_scored_with_another_tasks_schema_and_a_tagged_one_only_
     assert ev.evaluate_model(cond, samples=4, max_new_tokens=8, schema=schema("a"))["schema"] == "a"
     with pytest.raises(ValueError, match="trained with the tags of schema 'x'.*schema 'b', whose tags differ"):
         ev.evaluate_model(cond, samples=4, max_new_tokens=8, schema=schema("b", {"good": "ok", "bad": "neg"}))
-    with pytest.raises(ValueError, match=r"tokenizer has no <\|ok\|>, <\|neg\|>"):
+    with pytest.raises(ValueError, match=r"schema 'b': tokenizer lacks the tag tokens \['<\|ok\|>', '<\|neg\|>'\]"):
         ev.evaluate_model(mle, samples=4, max_new_tokens=8, schema=schema("b", {"good": "ok", "bad": "neg"}))

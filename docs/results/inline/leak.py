@@ -20,6 +20,7 @@ import torch
 from pretag.evaluate import generate_samples, sampling_policy, uses_tags
 from pretag.inline import WORD
 from pretag.label import load_labeled
+from pretag.metrics import sample_score
 from pretag.models import load_model_dir
 from pretag.scorers import build_scorer
 from pretag.segment import segment
@@ -46,8 +47,7 @@ def main() -> None:
         for t in texts:
             segs = [s for s in segment(t, schema.segmenter) if s.strip()]
             if segs:
-                sc = scorer.score_texts(segs)
-                out.append(sign * sum(x * len(s) for x, s in zip(sc, segs)) / sum(map(len, segs)))
+                out.append(sign * sample_score(segs, scorer.score_texts(segs)))
         return float(np.mean(out))
 
     print(f"{len(flagged)} flagged words in {a.data}")
