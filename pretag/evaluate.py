@@ -418,14 +418,15 @@ def redteam_prompts(schema, rows: Sequence[dict], n: int, *, max_chars: int = 20
 
 
 # ---- reference samples and KL -----------------------------------------------------------------------------
-def load_any_model(path: str | Path):
-    """(model, tokenizer, schema or None): a pretag model dir, or any local HF model dir / .gguf / ``smollm2``."""
-    from pretag.models import SCHEMA_FILE, load_model_dir, load_pretrained
+def load_any_model(path: str | Path, device: str = "auto"):
+    """(model, tokenizer, schema or None) on ``device`` (``"auto"``: the GPU when there is one): a pretag model dir,
+    or any local HF model dir / .gguf / ``smollm2``."""
+    from pretag.models import SCHEMA_FILE, load_model_dir, load_pretrained, pick_device
 
     if (Path(path) / SCHEMA_FILE).exists():
-        return load_model_dir(path)
+        return load_model_dir(path, device=device)
     model, tok = load_pretrained(path)
-    return model, tok, None
+    return model.to(pick_device(device)), tok, None
 
 
 def reference_samples(reference: str | Path, n: int, *, max_new_tokens: int, temperature: float = 1.0,
@@ -456,7 +457,9 @@ def reference_samples(reference: str | Path, n: int, *, max_new_tokens: int, tem
             torch.manual_seed(seed + b)
             m = min(batch_size, n - b)
             with torch.no_grad():
-                out = model.generate(torch.full((m, 1), start), attention_mask=torch.ones(m, 1, dtype=torch.long),
+                dev = next(model.parameters()).device
+                out = model.generate(torch.full((m, 1), start, device=dev),
+                                     attention_mask=torch.ones(m, 1, dtype=torch.long, device=dev),
                                      do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
                                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else start)
             texts += [tok.decode(o[1:], skip_special_tokens=True) for o in out]
@@ -575,13 +578,15 @@ def evaluate_model(
     n_resamples: int = 1000,
     keep_samples: int = 8,
     schema=None,
+    device: str = "auto",
 ) -> dict:
     """Every metric of issue 5 for one model directory (see docs/evaluation.md for each field).
 
     ``data`` (a labeled dataset) enables held-out loss, self-tagging and red-team prompts; ``reference`` (a model
     dir) enables KL. Deterministic for a ``seed``. ``schema`` scores the samples with another task's schema than
     the model's own: any schema for a model that never read tags (an MLE baseline shared by two tasks on the same
-    text), only one with the same tags for a tag-trained model.
+    text), only one with the same tags for a tag-trained model. ``device``: where the model runs (``"auto"``: the
+    GPU when there is one); samples are scored on the CPU.
     """
     import time
 
@@ -589,7 +594,7 @@ def evaluate_model(
     from pretag.models import load_model_dir
 
     t0 = time.perf_counter()
-    model, tok, own = load_model_dir(model_dir)
+    model, tok, own = load_model_dir(model_dir, device=device)
     model.eval()
     tagged = uses_tags(model_dir)
     schema = own if schema is None else task_schema(own, schema, tok, tagged, model_dir)

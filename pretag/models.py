@@ -399,8 +399,16 @@ def _load_adapter(path: Path, tokenizer, schema: Schema, merge: bool):
     return model.merge_and_unload() if merge else model
 
 
-def load_model_dir(path: str | Path, dtype: str = "float32", merge: bool = True):
-    """(model, tokenizer, schema) from a directory written by ``pretag train``.
+def pick_device(device: str | None = "auto") -> torch.device:
+    """``"auto"`` (or None): the GPU when there is one, else the CPU; any other string is taken as a torch device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model_dir(path: str | Path, dtype: str = "float32", merge: bool = True, device: str | None = "cpu"):
+    """(model, tokenizer, schema) from a directory written by ``pretag train``, on ``device`` (``"auto"``: the GPU
+    when there is one, see :func:`pick_device`).
 
     Weights are cast to ``dtype`` (float32 by default, so log-probabilities are exact even when a checkpoint is
     stored in bf16 to keep it small, as the demo's are); pass ``"auto"`` to keep the stored dtype. An adapter
@@ -425,6 +433,7 @@ def load_model_dir(path: str | Path, dtype: str = "float32", merge: bool = True)
 
         raise FolderError(f"{path}: not a loadable model directory: {' '.join(str(e).split())[:300]}") from e
     tag_ids(tokenizer, schema)  # fail now, not at generation time, if the tags are missing
+    model = model.to(pick_device(device))
     if protect_special_tokens(tokenizer):  # written before pretag saved split_special_tokens: protect it here
         logger.warning("%s: its tokenizer_config.json lacks \"split_special_tokens\": true, so a plain "
                        "AutoTokenizer.from_pretrained of this directory encodes text such as '<|bad|>' as the tag; "

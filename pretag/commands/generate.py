@@ -67,7 +67,7 @@ def run(args) -> int:
     from pretag.search import tree_search
 
     try:
-        model, tokenizer, schema = load_model_dir(args.model)
+        model, tokenizer, schema = load_model_dir(args.model, device="auto")
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model directory {args.model!r}: {e}") from e
     model.eval()
