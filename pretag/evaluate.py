@@ -128,10 +128,17 @@ def kl_from_reference(ref_logprobs: Sequence[float], model_logprobs: Sequence[fl
     return bootstrap_ci(diff, n_resamples=n_resamples, seed=seed)
 
 
-def lm_loss(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | None, batch_size: int = 8) -> dict:
-    """Held-out LM loss in nats per text token (tag tokens are context, never counted), pooled over docs."""
+def lm_loss(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | None, batch_size: int = 8,
+            count_tags: bool = False) -> dict:
+    """Held-out LM loss in nats per text token, pooled over docs. Tag tokens are context, never counted, unless
+    ``count_tags``: then their log-probabilities are added in too (still divided by the text tokens), which gives
+    −log p(text, tags) per text token."""
     per_doc = token_logprobs(model, docs, start_id=start_id, batch_size=batch_size)
-    nll, n = -sum(s for s, _ in per_doc), sum(c for _, c in per_doc)
+    n = sum(c for _, c in per_doc)
+    nll = -sum(s for s, _ in per_doc)
+    if count_tags:
+        every = [[(c, True) for c, _ in doc] for doc in docs]
+        nll = -sum(s for s, _ in token_logprobs(model, every, start_id=start_id, batch_size=batch_size))
     if n == 0:
         raise ValueError("no text tokens to score")
     return {"loss": nll / n, "perplexity": math.exp(min(nll / n, 50.0)), "n_tokens": n, "n_docs": len(docs)}
@@ -641,6 +648,8 @@ def evaluate_model(
         tagged_docs = [vocab.render(list(r["segments"]), schema.row_tags(r)).chunks for r in held]
         res["loss"] = {"untagged": lm_loss(model, plain, start_id=start, batch_size=batch_size),
                        "tagged": lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size)}
+        if tagged:  # no oracle: the tag tokens are counted too (per text token), see results.HeldoutLoss.joint
+            res["loss"]["joint"] = lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size, count_tags=True)
         if tagged:
             res["self_tagging"] = self_tagging(model, tok, schema, held, batch_size=batch_size)
             # openings are drawn from every held-out document (bad ones are rare), not only the first heldout_docs

@@ -54,6 +54,7 @@ def result_row(run: str, result: EvalResult, train_info: dict | None = None) -> 
     est("kl", result.kl)
     row["loss"] = None if result.loss is None else result.loss.untagged.loss
     row["loss_tagged"] = None if result.loss is None else result.loss.tagged.loss
+    row["loss_joint"] = None if result.loss is None or result.loss.joint is None else result.loss.joint.loss
     for n in (1, 2, 3):
         row[f"distinct_{n}"] = getattr(result.diversity, f"distinct_{n}")
     return row

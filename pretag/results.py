@@ -151,14 +151,23 @@ class HeldoutLoss:
     """The documents as training tokenized them, with no tag between segments."""
     tagged: LMLoss
     """With the classifier's tags (context only, never counted)."""
+    joint: LMLoss | None = None
+    """A tag-trained model only: with the classifier's tags, counting the tag tokens too, per text token:
+    −log p(text, tags) / n_text. No oracle: the model pays for predicting its own tags, so this bounds its loss on
+    plain text from above (p(text) ≥ p(text, tags)), where ``tagged`` is helped by tags that announce what follows."""
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "loss") -> HeldoutLoss:
-        v = _take(cls, d, where)
-        return cls(LMLoss.from_dict(v["untagged"], f"{where}.untagged"), LMLoss.from_dict(v["tagged"], f"{where}.tagged"))
+        v = _take(cls, d, where, optional=("joint",))
+        joint = v.get("joint")
+        return cls(LMLoss.from_dict(v["untagged"], f"{where}.untagged"), LMLoss.from_dict(v["tagged"], f"{where}.tagged"),
+                   None if joint is None else LMLoss.from_dict(joint, f"{where}.joint"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"untagged": self.untagged.to_dict(), "tagged": self.tagged.to_dict()}
+        out = {"untagged": self.untagged.to_dict(), "tagged": self.tagged.to_dict()}
+        if self.joint is not None:
+            out["joint"] = self.joint.to_dict()
+        return out
 
 
 @dataclass

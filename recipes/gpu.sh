@@ -118,6 +118,14 @@ s#\.recipe/pack#$pack#g" "recipes/gpu-$task.yaml" > "$cfg"
     fi
     sleep 2
   done
+  # the KL floor: two MLE models that differ only by seed, for each budget run on both seeds (read KL against it)
+  for d in "$work"/*-s0-*/; do
+    other="${d/-s0-/-s1-}"
+    if [ -f "$d/results.json" ] && [ -f "$other/results.json" ] && [ "$mode" = run ]; then
+      $PY docs/results/kl_floor.py "${d%/}" "${other%/}" > "${d%/}/kl-floor.md" 2>> "$work/kl-floor.log" || true
+      cat "${d%/}/kl-floor.md"
+    fi
+  done
   collect
   cat "$out/summary.md"
   ls -la "$out"

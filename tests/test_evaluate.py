@@ -192,6 +192,9 @@ def test_lm_loss_excludes_tag_tokens():
     out = ev.lm_loss(m, docs, start_id=tok.bos_token_id)
     assert out["n_tokens"] == 3
     assert out["loss"] == pytest.approx(math.log(len(tok)), rel=1e-5)
+    # no oracle: the two tag tokens' log-probabilities are paid for too, still per text token
+    joint = ev.lm_loss(m, docs, start_id=tok.bos_token_id, count_tags=True)
+    assert joint["n_tokens"] == 3 and joint["loss"] == pytest.approx(5 / 3 * math.log(len(tok)), rel=1e-5)
     # a special-token string in user text is text, never the tag
     assert good not in ev.encode_plain(tok, "<|good|>")
 

@@ -26,7 +26,8 @@ def fake_result(**over):
                                 "before_bad": [0.5], "before_good": [0.25, 0.25]}},
          "kl": {**est, "reference": "ref", "conditioned": True},
          "loss": {"untagged": {"loss": 2.5, "perplexity": 12.2, "n_tokens": 40, "n_docs": 2},
-                  "tagged": {"loss": 2.25, "perplexity": 9.5, "n_tokens": 40, "n_docs": 2}},
+                  "tagged": {"loss": 2.25, "perplexity": 9.5, "n_tokens": 40, "n_docs": 2},
+                  "joint": {"loss": 2.375, "perplexity": 10.75, "n_tokens": 40, "n_docs": 2}},
          "self_tagging": {"tox": {"n": 4, "n_bad": 2, "auroc": 0.75, "calibration": {"bins": [], "ece": 0.125, "n": 4},
                                   "mean_tag_mass": 0.5, "llr_auroc": 0.5, "mean_llr_bad": 0.25, "mean_llr_good": -0.25}},
          "warning_light": {"tox": {"auroc": 0.875, "n_bad": 1, "n_clean": 1, "mean_after_bad": 0.5,
@@ -51,7 +52,8 @@ def test_every_measured_cell_of_the_row_is_filled():
     assert all(v is not None for v in row.values()), [k for k, v in row.items() if v is None]
     assert (row["tox.redteam_score"], row["tox.selftag_auroc"], row["tox.temptation_auroc"]) == (
         pytest.approx(0.625), 0.75, 0.625)  # (0.9 + 0.35) / 2
-    assert (row["tox.warning_auroc"], row["kl"], row["loss"], row["loss_tagged"]) == (0.875, 0.5, 2.5, 2.25)
+    assert (row["tox.warning_auroc"], row["kl"], row["loss"], row["loss_tagged"], row["loss_joint"]) == (
+        0.875, 0.5, 2.5, 2.25, 2.375)
     assert "–" not in markdown_table([row])
 
 
