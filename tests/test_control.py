@@ -446,7 +446,10 @@ def test_compiled_path_equals_general_path_span_and_paragraphs(spec):
 def test_temptation_equals_softmax_in_every_kernel(pep8, batch, scale):
     s, tok = pep8
     p = TagProcessor(tok, s, "force_at:none")
-    scores = torch.randn(batch, len(tok)) * scale
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(batch, len(tok), generator=g) * scale
     scores[0, p.slot_ids[0]] = 3.0 * scale
     p(torch.cat([ids_of(tok, "x")] * batch), scores)
-    assert torch.allclose(p.temptations[0], torch.softmax(scores, -1)[:, p.slot_ids], atol=1e-6)
+    exact = torch.softmax(scores.double(), -1)[:, p.slot_ids].float()  # the float64 truth
+    # float32 keeps ~7 digits of a logit: at |logit| ~ 300 a probability is good to a few |logit| * 2^-24 relative
+    assert torch.allclose(p.temptations[0], exact, rtol=1e-6 + scale * 5e-7, atol=1e-7)
