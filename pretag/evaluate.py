@@ -133,15 +133,30 @@ def lm_loss(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | None, bat
     """Held-out LM loss in nats per text token, pooled over docs. Tag tokens are context, never counted, unless
     ``count_tags``: then their log-probabilities are added in too (still divided by the text tokens), which gives
     −log p(text, tags) per text token."""
-    per_doc = token_logprobs(model, docs, start_id=start_id, batch_size=batch_size)
-    n = sum(c for _, c in per_doc)
-    nll = -sum(s for s, _ in per_doc)
-    if count_tags:
-        every = [[(c, True) for c, _ in doc] for doc in docs]
-        nll = -sum(s for s, _ in token_logprobs(model, every, start_id=start_id, batch_size=batch_size))
+    scored = [[(c, True) for c, _ in doc] for doc in docs] if count_tags else docs
+    nll = -sum(s for s, _ in token_logprobs(model, scored, start_id=start_id, batch_size=batch_size))
+    # the text tokens that get predicted: every token of a doc but its very first when there is no start token
+    n = sum(sum(len(c) for c, is_text in doc if is_text) - int(start_id is None and bool(doc) and doc[0][1])
+            for doc in docs)
     if n == 0:
         raise ValueError("no text tokens to score")
     return {"loss": nll / n, "perplexity": math.exp(min(nll / n, 50.0)), "n_tokens": n, "n_docs": len(docs)}
+
+
+def heldout_loss(model, tokenizer, schema, rows: Sequence[dict], *, joint: bool, batch_size: int = 8) -> dict:
+    """``loss`` of :func:`evaluate_model` on labeled ``rows``: ``untagged`` (the per-segment tokenization training
+    used, no tag between segments), ``tagged`` (the classifier's tags as context) and, with ``joint`` (a tag-trained
+    model), ``joint`` (the tags counted too: no oracle, see ``pretag.results.HeldoutLoss.joint``)."""
+    vocab = TagVocab(tokenizer, schema)
+    start = vocab.start_id
+    plain = [vocab.render(list(r["segments"]), {a.name: [None] * len(r["segments"]) for a in schema.attributes}).chunks
+             for r in rows]
+    tagged = [vocab.render(list(r["segments"]), schema.row_tags(r)).chunks for r in rows]
+    out = {"untagged": lm_loss(model, plain, start_id=start, batch_size=batch_size),
+           "tagged": lm_loss(model, tagged, start_id=start, batch_size=batch_size)}
+    if joint:
+        out["joint"] = lm_loss(model, tagged, start_id=start, batch_size=batch_size, count_tags=True)
+    return out
 
 
 # ---- self-tagging: does the model know when it is about to write a bad segment? ----------------------------
@@ -460,11 +475,11 @@ def reference_samples(reference: str | Path, n: int, *, max_new_tokens: int, tem
         if start is None:
             raise ValueError(f"reference {reference}: its tokenizer has neither BOS nor EOS to start samples from")
         texts = []
+        dev = next(model.parameters()).device
         for b in range(0, n, batch_size):
             torch.manual_seed(seed + b)
             m = min(batch_size, n - b)
             with torch.no_grad():
-                dev = next(model.parameters()).device
                 out = model.generate(torch.full((m, 1), start, device=dev),
                                      attention_mask=torch.ones(m, 1, dtype=torch.long, device=dev),
                                      do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
@@ -640,16 +655,7 @@ def evaluate_model(
                      "reference": str(reference), "conditioned": tagged}
     if data is not None:
         held = heldout_rows(model_dir, data, heldout_docs)
-        vocab = TagVocab(tok, schema)
-        start = vocab.start_id
-        # untagged = the same per-segment tokenization training used, with no tag between segments
-        plain = [vocab.render(list(r["segments"]), {a.name: [None] * len(r["segments"])
-                                                    for a in schema.attributes}).chunks for r in held]
-        tagged_docs = [vocab.render(list(r["segments"]), schema.row_tags(r)).chunks for r in held]
-        res["loss"] = {"untagged": lm_loss(model, plain, start_id=start, batch_size=batch_size),
-                       "tagged": lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size)}
-        if tagged:  # no oracle: the tag tokens are counted too (per text token), see results.HeldoutLoss.joint
-            res["loss"]["joint"] = lm_loss(model, tagged_docs, start_id=start, batch_size=batch_size, count_tags=True)
+        res["loss"] = heldout_loss(model, tok, schema, held, joint=tagged, batch_size=batch_size)
         if tagged:
             res["self_tagging"] = self_tagging(model, tok, schema, held, batch_size=batch_size)
             # openings are drawn from every held-out document (bad ones are rare), not only the first heldout_docs

@@ -199,6 +199,20 @@ def test_lm_loss_excludes_tag_tokens():
     assert good not in ev.encode_plain(tok, "<|good|>")
 
 
+def test_lm_loss_counts_the_text_tokens_token_logprobs_scores():
+    """lm_loss counts the predicted text tokens from the chunks (one forward pass, tags counted or not): the same
+    count token_logprobs reports, with or without a start token, across context windows."""
+    tok = tiny_char_tokenizer(["<|good|>"])
+    m = tiny_model(len(tok), n_positions=8)
+    good = tok.convert_tokens_to_ids("<|good|>")
+    docs = [[(ev.encode_plain(tok, "abcdefghij" * 2), True)],  # 20 tokens > context 8: windowed
+            [([good], False), (ev.encode_plain(tok, "ab"), True), ([good], False), (ev.encode_plain(tok, "cde"), True)]]
+    for start in (tok.bos_token_id, None):
+        want = sum(n for _, n in ev.token_logprobs(m, docs, start_id=start))
+        assert ev.lm_loss(m, docs, start_id=start)["n_tokens"] == want
+        assert ev.lm_loss(m, docs, start_id=start, count_tags=True)["n_tokens"] == want
+
+
 def test_long_documents_are_windowed_to_the_context():
     tok = tiny_char_tokenizer()
     m = tiny_model(len(tok), n_positions=8)

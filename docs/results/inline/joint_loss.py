@@ -13,23 +13,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pretag.evaluate import heldout_rows, lm_loss, uses_tags
+from pretag.evaluate import heldout_loss, heldout_rows, uses_tags
 from pretag.models import load_model_dir
-from pretag.tokens import TagVocab
 
 
 def losses(model_dir: Path, data: Path, n_docs: int) -> dict[str, float]:
     model, tok, schema = load_model_dir(model_dir, device="auto")
     held = heldout_rows(model_dir, data, n_docs)
-    vocab = TagVocab(tok, schema)
-    plain = [vocab.render(list(r["segments"]), {a.name: [None] * len(r["segments"]) for a in schema.attributes}).chunks
-             for r in held]
-    tagged = [vocab.render(list(r["segments"]), schema.row_tags(r)).chunks for r in held]
-    out = {"untagged": lm_loss(model, plain, start_id=vocab.start_id, batch_size=32)["loss"],
-           "tagged": lm_loss(model, tagged, start_id=vocab.start_id, batch_size=32)["loss"]}
-    if uses_tags(model_dir):
-        out["joint"] = lm_loss(model, tagged, start_id=vocab.start_id, batch_size=32, count_tags=True)["loss"]
-    return out
+    res = heldout_loss(model, tok, schema, held, joint=uses_tags(model_dir), batch_size=32)
+    return {k: v["loss"] for k, v in res.items()}
 
 
 def main() -> None:
