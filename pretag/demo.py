@@ -115,10 +115,30 @@ SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "
                  "metrics.csv")
 
 
+def save_adapter_bf16(src: str | Path, dest: str | Path) -> Path:
+    """Copy a LoRA model dir (``adapter_config.json``: the adapter and tag rows over an installed base) to ``dest``
+    with its weights in bf16 and without training checkpoints or logs: half the size, loadable as it was
+    (``pretag.models.load_model_dir`` rebuilds it over the base its ``pretag_train.yaml`` names)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dest = Path(src), Path(dest)
+    weights = src / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{src}: an adapter dir without {weights.name}")
+    shutil.copytree(src, dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("checkpoints", "tensorboard", weights.name))
+    tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    save_file(tensors, dest / weights.name, metadata={"format": "pt"})
+    return dest
+
+
 def export_checkpoints(experiment_out: str | Path, dest: str | Path = CHECKPOINTS, *,
                        data: dict[str, Any] | None = None) -> Path:
     """Copy an experiment's ``mle`` and ``conditional`` models into ``dest`` as bf16 safetensors (half the size;
-    ``load_model_dir`` casts back to float32), with the ``demo.yaml`` that re-evaluates them. An experiment whose
+    ``load_model_dir`` casts back to float32; a LoRA run ships its adapter only, :func:`save_adapter_bf16`), with the ``demo.yaml`` that re-evaluates them. An experiment whose
     tag-trained run is ``conditional_ul`` ships that one as ``conditional/`` (the demo's policy is the same).
 
     ``data`` replaces the experiment's data section in ``demo.yaml`` (e.g. ``{source: fortunes, schema: toxicity}``
@@ -130,6 +150,8 @@ def export_checkpoints(experiment_out: str | Path, dest: str | Path = CHECKPOINT
     import yaml
     from transformers import AutoModelForCausalLM
 
+    from pretag.modeldir import ADAPTER_FILE
+
     src, dest = Path(experiment_out), Path(dest)
     cfg = yaml.safe_load((src / "config.yaml").read_text())
     ran = [*(cfg.get("methods") or []), *(cfg.get("pretrained") or {})]
@@ -140,6 +162,9 @@ def export_checkpoints(experiment_out: str | Path, dest: str | Path = CHECKPOINT
             md = Path(cfg["pretrained"][run])  # a run the experiment evaluated from an earlier one's model dir
         if not (md / "pretag_train.yaml").exists():
             raise FileNotFoundError(f"{md} is not a finished model dir of the experiment in {src}")
+        if (md / ADAPTER_FILE).exists():  # LoRA over an installed base: ship the adapter (and tag rows) only
+            save_adapter_bf16(md, out)
+            continue
         out.mkdir(parents=True, exist_ok=True)
         for name in SHIPPED_FILES:
             if (md / name).exists() and name != "model.safetensors":

@@ -146,6 +146,18 @@ def test_train_lora_on_a_pretrained_dir_end_to_end(pretrained_dir, tmp_path):
     x = torch.tensor([encode_text(tok, "The cat sat on the mat.")])
     with torch.no_grad():
         assert not torch.allclose(m2(input_ids=x).logits, model(input_ids=x).logits)  # the second adapter counts
+    # shipped small (the demo's checkpoints, the GPU recipe's adapters): bf16, loadable, nearly the same model
+    from pretag.demo import save_adapter_bf16
+
+    small = save_adapter_bf16(res.out, tmp_path / "small")
+    full = (res.out / "adapter_model.safetensors").stat().st_size
+    assert (small / "adapter_model.safetensors").stat().st_size < 0.6 * full
+    m3, tok3, _ = models.load_model_dir(small)
+    with torch.no_grad():
+        want, got = model(input_ids=x).logits, m3(input_ids=x).logits
+    assert len(tok3) == len(tok) and (got - want).abs().max() < 0.05 * want.abs().max()
+    with pytest.raises(FileNotFoundError, match="adapter dir without"):
+        save_adapter_bf16(pretrained_dir, tmp_path / "nope")
 
 
 @pytest.mark.slow
