@@ -263,10 +263,15 @@ def generate(model, tokenizer, schema: Schema, prompts: str | Sequence[str],
     rendered = {p: prompt_ids(tokenizer, schema, policy, p) for p in dict.fromkeys(prompts)}
     check_context(model, max(len(r) for r in rendered.values()), cfg.max_new_tokens)
     ids, mask = _left_pad([rendered[p] for p in prompts], pad)
+    from pretag.guidance import guidance_for
     from pretag.interpret.hooks import ablation
 
+    if policy.guide and cfg.num_beams > 1:
+        raise ValueError("tag guidance works with sampling and greedy decoding, not beam search (num_beams > 1)")
+    guide = guidance_for(model, tokenizer, schema, policy, mask.repeat_interleave(cfg.n, 0).to(device))
     with torch.no_grad(), ablation(model, tokenizer, schema, cfg.ablate_direction):
-        out = model.generate(ids.to(device), attention_mask=mask.to(device), logits_processor=[proc],
+        out = model.generate(ids.to(device), attention_mask=mask.to(device),
+                             logits_processor=[proc] if guide is None else [proc, guide],
                              stopping_criteria=[AlarmStop(proc), *stopping_criteria], streamer=streamer,
                              **_hf_kwargs(cfg, tokenizer))
     start = ids.shape[1]

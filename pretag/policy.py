@@ -90,6 +90,9 @@ class TagPolicy:
     """``segment`` | ``start`` | ``none``; None = the schema's default (prefix: segment, span: start)."""
     rules: list[Rule] = field(default_factory=list)
     name: str = "policy"
+    guide: dict[str, float] = field(default_factory=dict)
+    """Tag guidance (``pretag.guidance``): tag -> weight; the text is steered away from what the tag announces
+    (usually the banned tags, e.g. ``{bad: 2}``). Sampling and greedy decoding with ``pretag.generate.generate``."""
 
     def resolved_force_at(self, schema: Schema) -> str:
         return self.force_at or ("segment" if schema.render == "prefix" else "start")
@@ -114,6 +117,12 @@ class TagPolicy:
             if isinstance(b, bool) or not isinstance(b, int | float) or abs(b) > MAX_BIAS or not math.isfinite(b):
                 problems.append(f"bias: value for {t!r} must be a finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
                                 f"got {b!r} (use ban to forbid a tag)")
+        from pretag.guidance import MAX_GUIDE
+
+        for t, w in self.guide.items():
+            check(t, "guide")
+            if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w <= MAX_GUIDE:
+                problems.append(f"guide: weight for {t!r} must be a number in (0, {MAX_GUIDE:g}], got {w!r}")
         if self.force_at is not None and self.force_at not in FORCE_AT:
             problems.append(f"force_at {self.force_at!r} is not one of {FORCE_AT}")
         for t in set(self.ban) & (set(self.force) | set(self.allow)):
@@ -156,6 +165,9 @@ class TagPolicy:
                         target.validate(schema)
                         if target.rules:
                             problems.append(f"{w}: a switch target may not have rules of its own")
+                        if target.guide != self.guide:
+                            problems.append(f"{w}: a switch target may not change guide (guidance is set once, "
+                                            "for the whole generation)")
                     except PolicyError as e:
                         problems.append(f"{w}: switch target: {e}")
         problems.check(PolicyError, f"policy {self.name!r}")
@@ -169,6 +181,8 @@ class TagPolicy:
             d["bias"] = dict(self.bias)
         if self.force_at:
             d["force_at"] = self.force_at
+        if self.guide:
+            d["guide"] = dict(self.guide)
         if self.rules:
             d["rules"] = [{k: (v.to_dict() if isinstance(v, TagPolicy) else list(v) if isinstance(v, tuple) else v)
                            for k, v in r.__dict__.items()
@@ -187,7 +201,7 @@ def policy_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> TagPolicy:
     if not isinstance(d, dict):
         raise PolicyError(f"{where}: a policy must be a mapping, got {type(d).__name__}")
     problems = Problems()
-    known = {"name", "description", "schema", "ban", "force", "allow", "bias", "force_at", "rules"}
+    known = {"name", "description", "schema", "ban", "force", "allow", "bias", "force_at", "rules", "guide"}
     for k in d:
         if k not in known:
             problems.append(f"unknown key {k!r} (known: {', '.join(sorted(known))})")
@@ -204,6 +218,10 @@ def policy_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> TagPolicy:
     if not isinstance(bias, dict):
         problems.append("bias: must map tag names to numbers")
         bias = {}
+    guide = d.get("guide") or {}
+    if not isinstance(guide, dict):
+        problems.append("guide: must map tag names to weights, e.g. {bad: 2}")
+        guide = {}
     rules = []
     rkeys = set(Rule.__dataclass_fields__)
     for i, r in enumerate(d.get("rules") or []):
@@ -223,6 +241,7 @@ def policy_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> TagPolicy:
     problems.check(PolicyError, where, of="the policy")
     return TagPolicy(ban=lists["ban"], force=lists["force"], allow=lists["allow"],
                      bias={str(k): v for k, v in bias.items()}, force_at=d.get("force_at"), rules=rules,
+                     guide={str(k): v for k, v in guide.items()},
                      name=str(d.get("name") or Path(where).stem))
 
 
@@ -234,7 +253,7 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
     """Parse the compact form: comma-separated ``verb:arg`` items.
 
     ``ban:TAG`` (``ban:TAG@N`` = ban from generated token N on), ``force:TAG``, ``allow:TAG``, ``bias:TAG=+2``,
-    ``force_at:segment|start|none``, ``alarm:TAG>0.3`` (flag), ``alarm:TAG>0.3x3=stop`` (3 consecutive tokens),
+    ``guide:TAG=2`` (tag guidance, ``pretag.guidance``), ``force_at:segment|start|none``, ``alarm:TAG>0.3`` (flag), ``alarm:TAG>0.3x3=stop`` (3 consecutive tokens),
     ``alarm:TAG>0.3=switch:POLICY`` (a shipped policy name or file). Tags may contain ``:`` (``grade:6-10``).
     """
     problems = Problems()
@@ -244,7 +263,7 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
             continue
         verb, sep, arg = item.partition(":")
         if not sep or not arg:
-            problems.append(f"{item!r}: expected verb:argument (verbs: ban, force, allow, bias, force_at, alarm)")
+            problems.append(f"{item!r}: expected verb:argument (verbs: ban, force, allow, bias, guide, force_at, alarm)")
         elif verb == "ban" and "@" in arg:
             tag, _, n = arg.rpartition("@")
             if not n.isdigit():
@@ -264,6 +283,12 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
                 continue
             if not math.isfinite(p.bias[tag]):
                 problems.append(f"{item!r}: a bias must be a finite number, got {val} (use ban:{tag} to forbid a tag)")
+        elif verb == "guide":
+            tag, eq, val = arg.rpartition("=")
+            try:
+                p.guide[tag or arg] = float(val) if eq else 1.0
+            except ValueError:
+                problems.append(f"{item!r}: expected guide:TAG or guide:TAG=WEIGHT (e.g. guide:bad=2)")
         elif verb == "force_at":
             p.force_at = arg
         elif verb == "alarm":
@@ -278,7 +303,7 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
             p.rules.append(Rule(action, watch=m["tag"], above=float(m["above"]), consecutive=int(m["k"] or 1),
                                 after=int(m["after"]) if m["after"] else None, policy=target))
         else:
-            problems.append(f"{item!r}: unknown verb {verb!r} (verbs: ban, force, allow, bias, force_at, alarm)")
+            problems.append(f"{item!r}: unknown verb {verb!r} (verbs: ban, force, allow, bias, guide, force_at, alarm)")
     problems.check(PolicyError, f"policy string {text!r}")
     return p
 

@@ -39,6 +39,9 @@ def tree_search(model, tokenizer, schema: Schema, prompt: str, policy=None, conf
     if chunk < 1 or not 0 <= tau <= 1:
         raise ValueError(f"tree search needs chunk >= 1 and tau in [0, 1], got chunk={chunk}, tau={tau}")
     policy = load_policy(policy, schema)
+    from pretag.guidance import refuse_guidance
+
+    refuse_guidance(policy, "tree search")
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     watched = [schema.open_token(t) for t in (watch if watch is not None else policy.ban)] or \

@@ -169,6 +169,9 @@ class VllmEngine(Engine):
                  on_token: Callable[[dict[str, Any]], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
         from vllm import SamplingParams
 
+        from pretag.guidance import refuse_guidance
+
+        refuse_guidance(policy, "the vLLM engine")  # its logits processors see logits, not the model
         proc = (TagProcessor(self.tokenizer, self.schema, policy) if params.logprobs is None
                 else _LogprobProcessor(self.tokenizer, self.schema, policy, top=params.logprobs))
         streamer = _EventStreamer(self, proc, policy, on_token)
