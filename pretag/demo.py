@@ -78,11 +78,12 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, Any]:
     from pretag.models import load_model_dir
 
     out = Path(out)
-    res = run_experiment(config_from_dict(demo_experiment(cfg), where="<demo>"), out)
+    exp = demo_experiment(cfg)
+    res = run_experiment(config_from_dict(exp, where="<demo>"), out)
     model, tok, schema = load_model_dir(cfg.checkpoints / "conditional")
-    gen = generate(model, tok, schema, [cfg.prompt], config=GenerateConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=True, seed=cfg.seed, n=1))
-    return {"results": res, "trace": gen.sequences[0], "schema": schema}
+    gen = generate(model, tok, schema, [cfg.prompt], exp.get("policy") or None,  # the policy the samples had
+                   config=GenerateConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, seed=cfg.seed, n=1))
+    return {"results": res, "trace": gen.sequences[0], "schema": schema, "policy": gen.policy}
 
 
 def relabel_data(experiment_out: str | Path, source: str, dest: str | Path) -> dict[str, Any]:

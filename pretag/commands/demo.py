@@ -72,7 +72,8 @@ def run(args) -> int:
                        else "includes 1: no effect shown")
             print(f"MLE ÷ conditional, {what}: {cond[f'{attr}.{key}']:.2f}x "
                   f"(95% CI {_bound(lo)}-{_bound(hi)}; the interval {verdict})")
-    print("\n== one controlled generation (conditional model, default policy), coloured by temptation toward "
+    pol = {k: v for k, v in out["policy"].items() if k != "name"}
+    print(f"\n== one controlled generation (conditional model, policy {pol}), coloured by temptation toward "
           "banned tags ==\n")
     print(format_trace(seq, colour=sys.stdout.isatty()))
     print(f"\nreport: {Path(args.out) / 'report.html'}  (tables: results.md/.csv, plots: pareto.png, "
