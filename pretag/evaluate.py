@@ -411,9 +411,24 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
                 means.append(float(np.mean(p)) if p else 0.0)
         bad_m = [m for m, y in zip(means, labels) if y]
         clean_m = [m for m, y in zip(means, labels) if not y]
+        lo, hi = auroc_interval(bad_m, clean_m, seed=seed)
         out[a.name] = {"auroc": auroc(means, labels), "n_bad": len(bad_m), "n_clean": len(clean_m),
-                       "mean_after_bad": float(np.mean(bad_m)), "mean_after_clean": float(np.mean(clean_m))}
+                       "mean_after_bad": float(np.mean(bad_m)), "mean_after_clean": float(np.mean(clean_m)),
+                       "auroc_lo": lo, "auroc_hi": hi}
     return out
+
+
+def auroc_interval(pos: Sequence[float], neg: Sequence[float], *, n_resamples: int = 1000, confidence: float = 0.95,
+                   seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the AUROC of ``pos`` over ``neg``, each group resampled on its own (the
+    design fixes how many of each there are)."""
+    rng = np.random.default_rng(seed)
+    p, q = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
+    stats = [auroc(np.r_[p[rng.integers(0, len(p), len(p))], q[rng.integers(0, len(q), len(q))]],
+                   [1] * len(p) + [0] * len(q)) for _ in range(n_resamples)]
+    a = (1 - confidence) / 2
+    lo, hi = np.quantile(stats, [a, 1 - a])
+    return float(lo), float(hi)
 
 
 def redteam_prompts(schema, rows: Sequence[dict], n: int, *, max_chars: int = 200) -> list[str]:

@@ -51,6 +51,8 @@ def result_row(run: str, result: EvalResult, train_info: dict | None = None) -> 
                              ("warning_auroc", result.warning_light)):
             t = of(section, attr)
             row[f"{attr}.{col}"] = None if t is None else t.auroc
+            if col == "warning_auroc" and t is not None and t.auroc_lo is not None:
+                row[f"{attr}.{col}_lo"], row[f"{attr}.{col}_hi"] = t.auroc_lo, t.auroc_hi
     est("kl", result.kl)
     row["loss"] = None if result.loss is None else result.loss.untagged.loss
     row["loss_tagged"] = None if result.loss is None else result.loss.tagged.loss

@@ -221,16 +221,22 @@ class WarningLight:
     n_clean: int
     mean_after_bad: float | None = None
     mean_after_clean: float | None = None
+    auroc_lo: float | None = None
+    """95 % interval of the AUROC (bad and clean openings resampled separately); absent in older results."""
+    auroc_hi: float | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "warning_light") -> WarningLight:
         some = isinstance(d, dict) and bool(d.get("n_bad") or d.get("n_clean"))
-        return cls(**_take(cls, d, where, optional=() if some else ("mean_after_bad", "mean_after_clean")))
+        ci = ("auroc_lo", "auroc_hi")
+        return cls(**_take(cls, d, where, optional=ci if some else ("mean_after_bad", "mean_after_clean", *ci)))
 
     def to_dict(self) -> dict[str, Any]:
         out = {"auroc": self.auroc, "n_bad": self.n_bad, "n_clean": self.n_clean}
         if self.n_bad or self.n_clean:
             out.update(mean_after_bad=self.mean_after_bad, mean_after_clean=self.mean_after_clean)
+        if self.auroc_lo is not None:
+            out.update(auroc_lo=self.auroc_lo, auroc_hi=self.auroc_hi)
         return out
 
 

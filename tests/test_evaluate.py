@@ -426,8 +426,19 @@ def test_prompt_warning_averages_the_bad_tags_temptation_over_the_continuation(m
     monkeypatch.setattr(gen, "generate", fake_generate)
     res = ev.prompt_warning(None, None, schema, None, _warn_rows(), n=3, max_new_tokens=2)["x"]
     assert (res["n_bad"], res["n_clean"]) == (3, 3)
-    assert res["auroc"] == 1.0
+    assert res["auroc"] == 1.0 and (res["auroc_lo"], res["auroc_hi"]) == (1.0, 1.0)  # every resample separates
     assert res["mean_after_bad"] == pytest.approx(0.4) and res["mean_after_clean"] == pytest.approx(0.1)
+
+
+def test_auroc_interval_resamples_each_group_and_brackets_the_point():
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1.0, 1.0, 40), rng.normal(0.0, 1.0, 40)
+    point = ev.auroc(np.r_[pos, neg], [1] * 40 + [0] * 40)
+    lo, hi = ev.auroc_interval(pos, neg, seed=3)
+    assert lo < point < hi and 0.1 < hi - lo < 0.4  # ~0.76 with a standard error of ~0.05
+    assert (lo, hi) == ev.auroc_interval(pos, neg, seed=3)  # deterministic for a seed
+    lo8, hi8 = ev.auroc_interval(np.r_[pos, pos, pos, pos], np.r_[neg, neg, neg, neg], seed=3)
+    assert hi8 - lo8 < 0.7 * (hi - lo)  # four times the openings: about half as wide
 
 
 # ---- KL to a non-pretag reference model ---------------------------------------------------------------------
