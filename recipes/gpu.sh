@@ -53,10 +53,10 @@ PYEOF
   echo "pack + wheels: ${size} MiB (the device takes 64 MiB with the working tree)"
   [ "$size" -le 40 ] || { echo "the pack is over 40 MiB" >&2; exit 1; }
   ;;
-pack-smol)  # SmolLM2-135M's GGUF (94 MiB) in parts that each fit one device call beside the 24 MiB repository
+pack-smol)  # SmolLM2-135M's GGUF (94 MiB) in parts that each fit one device call beside the ~28 MiB repository
   src="${SMOL_GGUF:-$(.venv/bin/python -c 'from pretag.models import smollm2_gguf; print(smollm2_gguf())')}"
   rm -rf "$SMOL_PARTS" && mkdir -p "$SMOL_PARTS"
-  split -b "${PART_SIZE:-38M}" -d -a 1 "$src" "$SMOL_PARTS/part-"
+  split -b "${PART_SIZE:-32M}" -d -a 1 "$src" "$SMOL_PARTS/part-"
   sha256sum < "$src" | awk '{print $1}' > "$SMOL_PARTS/SHA256"
   ls -la "$SMOL_PARTS"
   ;;

@@ -390,9 +390,9 @@ def test_demo_reports_the_checkpoints_model_and_budget():
     from pretag.demo import DemoConfig, demo_experiment
 
     d = demo_experiment(DemoConfig())  # the shipped checkpoints
-    assert (d["model"], d["tokens"]) == ("tiny", 1_000_000)
+    assert (d["model"], d["tokens"]) == ("smollm2", 256_000)
     cfg = ex.config_from_dict(d, where="<demo>")
-    assert (cfg.model, cfg.tokens) == ("tiny", 1_000_000)  # what _write_tables puts in the summary
+    assert (cfg.model, cfg.tokens) == ("smollm2", 256_000)  # what _write_tables puts in the summary
 
 
 def test_demo_argument_problems_are_one_line_errors(tmp_path, capsys, monkeypatch):

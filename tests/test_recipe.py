@@ -76,7 +76,7 @@ def test_gpu_recipe_carries_smollm2_in_parts_and_brings_adapters_back(tmp_path):
     parts = tmp_path / "parts"
     gpu_sh("pack-smol", SMOL_PARTS=str(parts))
     names = sorted(p.name for p in parts.iterdir())
-    assert names == ["SHA256", "part-0", "part-1", "part-2"]  # 38 + 38 + 18 MiB: each fits a call beside the repo
+    assert names == ["SHA256", "part-0", "part-1", "part-2"]  # 32 + 32 + 30 MiB: each fits a call beside the repo
     calls = []
     for i, group in enumerate((["part-0", "SHA256"], ["part-1"], ["part-2"])):
         calls.append(tmp_path / f"call{i}")
