@@ -60,6 +60,17 @@ def test_floor_request_tightens_bans_and_alarms():
     assert op.ban == ["profane"] and len(op.rules) == 1  # the operator's policy was not mutated
 
 
+def test_the_operators_tag_guidance_survives_every_merge():
+    """A guided operator policy (`pretag serve --policy ban:profane,guide:profane=3`) must guide every request,
+    not be dropped when the request's controls are merged in; clients see it in GET /v1/policy's description."""
+    from pretag.serve.floor import describe
+
+    op = load_policy("ban:profane,guide:profane=3", SCHEMA)
+    for req in (RequestPolicy(), RequestPolicy(ban=["pii"], alarms={"neg": 0.2})):
+        assert merge(op, req, SCHEMA).guide == {"profane": 3.0}
+    assert describe(op)["guide"] == {"profane": 3.0} and "guide" not in describe(load_policy("ban:profane", SCHEMA))
+
+
 def test_floor_rejects_every_attempt_to_lift_at_once():
     op = load_policy("ban:profane,alarm:pii>0.3=stop,force:safe", SCHEMA)
     req = RequestPolicy(allow=["profane"], bias={"profane": 5.0}, force=["offensive"], alarms={"pii": 0.9},

@@ -81,7 +81,7 @@ def describe(policy: TagPolicy) -> dict[str, Any]:
     """A JSON view of a policy for clients (the playground builds its locked rows from it)."""
     return {"name": policy.name, "ban": list(policy.ban), "force": list(policy.force), "bias": dict(policy.bias),
             "force_at": policy.force_at, "alarms": alarm_thresholds(policy), "stop_on_alarm": stops_on_alarm(policy),
-            "rules": [r.label for r in policy.rules]}
+            "rules": [r.label for r in policy.rules], **({"guide": dict(policy.guide)} if policy.guide else {})}
 
 
 def merge(operator: TagPolicy, request: RequestPolicy, schema: Schema) -> TagPolicy:
@@ -137,7 +137,8 @@ def merge(operator: TagPolicy, request: RequestPolicy, schema: Schema) -> TagPol
     if problems:
         raise PolicyFloorError(problems)
     merged = TagPolicy(ban=ban, force=force, allow=[t for t in operator.allow if t not in ban], bias=bias,
-                       force_at=operator.force_at, rules=rules, name=f"{operator.name}+request")
+                       force_at=operator.force_at, rules=rules, name=f"{operator.name}+request",
+                       guide=dict(operator.guide))  # the operator's tag guidance is part of the floor
     try:
         merged.validate(schema)
     except ValueError as e:  # e.g. a request that bans every value of an attribute that must be forced

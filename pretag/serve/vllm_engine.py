@@ -146,6 +146,9 @@ class VllmEngine(Engine):
         self.operator = operator if operator is not None else load_operator_policy(None, schema)
         self.operator.validate(schema)
         merge(self.operator, RequestPolicy(), schema)
+        from pretag.guidance import refuse_guidance
+
+        refuse_guidance(self.operator, "the vLLM engine")  # at start-up, not at every request
         self.name, self.device, self.context_length = name, "vllm:cpu", context_length
         self.vocab = TagVocab(tokenizer, schema)
 
