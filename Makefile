@@ -41,7 +41,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 # The demo: conditional training + its tag policy against MLE on the shipped checkpoints (demo/checkpoints,
 # inline-tagged profanity, README "Results"): results table with intervals, a temptation trace, the HTML report.
 demo: setup
-	$(BIN)/pretag demo --samples 512 --max-new-tokens 48 --out runs/demo
+	$(BIN)/pretag demo --samples 384 --max-new-tokens 48 --out runs/demo
 
 # The labeling job that was the main command before the demo existed (the paper's PEP8 corpus).
 label-stdlib: setup

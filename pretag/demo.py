@@ -24,9 +24,9 @@ CHECKPOINTS = REPO / "demo" / "checkpoints"
 class DemoConfig:
     checkpoints: Path = CHECKPOINTS
     """Directory holding ``mle/`` and ``conditional/`` model dirs and ``demo.yaml`` (the experiment to rerun)."""
-    samples: int = 512
+    samples: int = 384
     """Unconditional samples per model: enough for an interval that can exclude 1, small enough for ~minutes."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48
     prompt: str = ""
     """Prompt of the traced controlled generation (empty: start of a document)."""
     seed: int = 0
