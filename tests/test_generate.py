@@ -24,8 +24,6 @@ BAD = ["x=1\n", "y =2\n", "return a+b\n", "z=x*y\n"]
 def tiny():
     """A 1-layer GPT-2 (width 32) trained ~300 steps on tagged lines: <|good|> before PEP8-clean lines, <|bad|>
     before the others, half of each; documents start after EOS."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from pretag.tokens import encode_text, train_tokenizer
 
     torch.manual_seed(0)
@@ -42,14 +40,21 @@ def tiny():
             ids += [b if bad else g] + enc[rng.choice(BAD if bad else GOOD)]
         return ids + [eos]
 
-    data = [doc() for _ in range(512)]
-    T = max(len(d) for d in data)
-    x = torch.tensor([d + [eos] * (T - len(d)) for d in data])
+    model, loss = fit_micro_gpt2([doc() for _ in range(512)], len(tok), eos)
+    return model, tok, schema, loss
+
+
+def fit_micro_gpt2(docs: list[list[int]], vocab: int, eos: int, steps: int = 300):
+    """A 1-layer GPT-2 (width 32) fitted to token-id documents (padded with EOS), ready to generate; (model, loss)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    T = max(len(d) for d in docs)
+    x = torch.tensor([d + [eos] * (T - len(d)) for d in docs])
     torch.set_num_threads(1)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2,
                                        bos_token_id=eos, eos_token_id=eos))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(300):
+    for _ in range(steps):
         batch = x[torch.randint(0, len(x), (32,))]
         loss = model(batch, labels=batch).loss
         opt.zero_grad()
@@ -57,7 +62,7 @@ def tiny():
         opt.step()
     model.eval()
     model.generation_config.pad_token_id = eos
-    return model, tok, schema, loss.item()
+    return model, loss.item()
 
 
 def tag_counts(result, tok):

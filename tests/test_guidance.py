@@ -25,7 +25,7 @@ def leaky():
     """A 1-layer GPT-2 (width 32) on word salad in which ``darn`` follows ``<|bad|>`` 70 % of the time and stands
     alone the other 30 %: a model that learned the tag but still writes the bad word without it, like a pretrained
     model whose prior the tag has not overcome."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from test_generate import fit_micro_gpt2
 
     from pretag.tokens import encode_text, train_tokenizer
 
@@ -46,21 +46,7 @@ def leaky():
                 ids += enc[rng.choice(WORDS)]
         return ids + [eos]
 
-    data = [doc() for _ in range(512)]
-    T = max(len(d) for d in data)
-    x = torch.tensor([d + [eos] * (T - len(d)) for d in data])
-    torch.set_num_threads(1)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                                       bos_token_id=eos, eos_token_id=eos))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        batch = x[torch.randint(0, len(x), (32,))]
-        loss = model(batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.generation_config.pad_token_id = eos
+    model, _ = fit_micro_gpt2([doc() for _ in range(512)], len(tok), eos)
     return model, tok, schema, enc[LEAK][0]
 
 
