@@ -19,7 +19,7 @@ BEFORE = {
                     "redteam": 16, "temperature": 1.0, "batch_size": 16, "seed": 0},
     ("generate", "m"): {"n": 1, "max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "beams": 1,
                         "repetition_penalty": 1.0, "seed": None, "ablate_direction": None},
-    ("demo",): {"samples": 512, "max_new_tokens": 64, "prompt": "", "seed": 0},
+    ("demo",): {"samples": 384, "max_new_tokens": 48, "prompt": "", "seed": 0},
 }
 
 
