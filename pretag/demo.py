@@ -163,6 +163,7 @@ def export_checkpoints(experiment_out: str | Path, dest: str | Path = CHECKPOINT
             md = Path(cfg["pretrained"][run])  # a run the experiment evaluated from an earlier one's model dir
         if not (md / "pretag_train.yaml").exists():
             raise FileNotFoundError(f"{md} is not a finished model dir of the experiment in {src}")
+        shutil.rmtree(out, ignore_errors=True)  # a stale model.safetensors beside a new adapter would shadow it
         if (md / ADAPTER_FILE).exists():  # LoRA over an installed base: ship the adapter (and tag rows) only
             save_adapter_bf16(md, out)
             continue
