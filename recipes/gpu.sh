@@ -147,15 +147,20 @@ s#\.recipe/pack#$pack#g" "recipes/gpu-$task.yaml" > "$cfg"
   for d in "$work"/*-s0-*/; do
     other="${d/-s0-/-s1-}"
     if [ -f "$d/results.json" ] && [ -f "$other/results.json" ] && [ "$mode" = run ]; then
-      $PY docs/results/kl_floor.py "${d%/}" "${other%/}" > "${d%/}/kl-floor.md" 2>> "$work/kl-floor.log" || true
+      timeout "${KL_FLOOR_TIMEOUT:-90}" $PY docs/results/kl_floor.py "${d%/}" "${other%/}" > "${d%/}/kl-floor.md" \
+        2>> "$work/kl-floor.log" || true
       cat "${d%/}/kl-floor.md"
     fi
   done
   collect
-  # LoRA adapters (SmolLM2 jobs) come back small enough to ship: bf16, split into 15 MiB parts
+  # LoRA adapters (SmolLM2 jobs) come back small enough to ship: bf16, gzipped, split into 15 MiB parts. ADAPTERS
+  # (globs on job/run, e.g. "smol-toxicity-*/* smol-negativity-*/conditional_ul") picks which, so that they and
+  # results.tgz stay under the 64 MiB a call brings back (~10.5 MiB each).
   if compgen -G "$work/*/models/*/adapter_model.safetensors" > /dev/null; then
-    $PY recipes/adapters.py "$work" "$work/adapters" && (cd "$work" && tar cf - adapters) | split -b 15M -d -a 1 - \
-      "$out/adapters.tar.part-" || echo "adapters: not packed" >&2
+    $PY recipes/adapters.py "$work" "$work/adapters" && (cd "$work/adapters" && shopt -s nullglob && \
+      set -f && pats=(${ADAPTERS:-*/*}) && set +f && sel=() && for g in "${pats[@]}"; do sel+=($g); done && \
+      [ ${#sel[@]} -gt 0 ] && cd .. && tar czf - "${sel[@]/#/adapters/}") | split -b 15M -d -a 1 - \
+      "$out/adapters.tgz.part-" || echo "adapters: not packed" >&2
   fi
   cat "$out/summary.md"
   ls -la "$out"

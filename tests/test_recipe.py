@@ -92,15 +92,17 @@ def test_gpu_recipe_carries_smollm2_in_parts_and_brings_adapters_back(tmp_path):
     inline_dataset(tmp_path / "labeled", pack / "tox-inline05", word_threshold=0.05)
     out = tmp_path / "out"
     gpu_sh("toy", SMOL_PARTS=str(calls[2]), PACK_DIR=str(pack), OUT=str(out), WORK=str(tmp_path / "work"),
-           JOBS="smol-toxicity:0:256")
+           JOBS="smol-toxicity:0:256", ADAPTERS="*/conditional_ul")
     back = sorted(p.name for p in out.iterdir())
-    assert back[:1] == ["adapters.tar.part-0"] and "results.tgz" in back and len(back) <= 8
-    with (tmp_path / "adapters.tar").open("wb") as f:
-        for p in sorted(out.glob("adapters.tar.part-*")):
+    assert back[:1] == ["adapters.tgz.part-0"] and "results.tgz" in back and len(back) <= 8
+    with (tmp_path / "adapters.tgz").open("wb") as f:
+        for p in sorted(out.glob("adapters.tgz.part-*")):
             f.write(p.read_bytes())
-    with tarfile.open(tmp_path / "adapters.tar") as tar:
+    with tarfile.open(tmp_path / "adapters.tgz") as tar:
         tar.extractall(tmp_path / "back", filter="data")
-    cond = tmp_path / "back" / "adapters" / "smol-toxicity-s0-256" / "conditional"
+    job = tmp_path / "back" / "adapters" / "smol-toxicity-s0-256"
+    assert sorted(p.name for p in job.iterdir()) == ["conditional_ul"]  # ADAPTERS picked which come back
+    cond = job / "conditional_ul"
     from safetensors.torch import load_file
 
     assert {str(v.dtype) for v in load_file(cond / "adapter_model.safetensors").values()} == {"torch.bfloat16"}
