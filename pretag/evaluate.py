@@ -71,6 +71,26 @@ def _windows(docs: Sequence[Sequence[Chunk]], start: int | None, ctx: int) -> li
     return out
 
 
+LOGPROB_CHUNK = 1 << 27  # logits (in float32) turned into log-probs at once: 512 MiB
+
+
+def model_identity(path: str | Path) -> str:
+    """What names a model in cache keys. A pretag model dir is named by its content (its training config and
+    training log), so an experiment folder that is moved or copied keeps its cached evaluations and reference
+    samples, and a model retrained in place gets new ones; anything else by its resolved path or hub name."""
+    import hashlib
+
+    from pretag.modeldir import TRAIN_FILE
+
+    p = Path(path)
+    if (p / TRAIN_FILE).is_file():
+        h = hashlib.sha1((p / TRAIN_FILE).read_bytes())
+        if (p / "metrics.csv").is_file():
+            h.update((p / "metrics.csv").read_bytes())
+        return "pretag:" + h.hexdigest()[:16]
+    return str(p.resolve()) if p.exists() else str(path)
+
+
 def token_logprobs(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | None, batch_size: int = 8
                    ) -> list[tuple[float, int]]:
     """For each doc (a list of chunks), (sum of log p over its counted tokens, number of counted tokens).
@@ -99,9 +119,18 @@ def token_logprobs(model, docs: Sequence[Sequence[Chunk]], *, start_id: int | No
                 ids[r, : len(w_ids)] = torch.tensor(w_ids)
                 mask[r, : len(w_ids)] = 1
                 counted[r, : len(w_cnt)] = torch.tensor(w_cnt)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): position t predicts token t+1
-            tgt = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+            # log p(token t+1 | ..t) = logit − logsumexp, a few rows at a time: a float32 log-softmax of the whole
+            # batch is B·T·V floats (6.8 GiB for SmolLM2 at 128 × 256), which ran a GPU shared by four jobs out
+            # of memory
+            nxt = ids[:, 1:].to(device)
+            tgt = torch.empty(len(batch), T - 1)
+            rows = max(1, LOGPROB_CHUNK // max(1, T * logits.shape[-1]))
+            for r0 in range(0, len(batch), rows):
+                x = logits[r0 : r0 + rows, :-1].float()
+                tgt[r0 : r0 + rows] = (x.gather(-1, nxt[r0 : r0 + rows].unsqueeze(-1)).squeeze(-1)
+                                       - torch.logsumexp(x, dim=-1)).cpu()
+            del logits
             keep = counted[:, 1:] & mask[:, 1:].bool()
             for r, (d, _, _) in enumerate(batch):
                 sums[d] += float(tgt[r][keep[r]].sum())
@@ -475,7 +504,7 @@ def reference_samples(reference: str | Path, n: int, *, max_new_tokens: int, tem
 
     import torch
 
-    key = hashlib.sha1(json.dumps([str(Path(reference).resolve()), n, max_new_tokens, temperature, seed]).encode())
+    key = hashlib.sha1(json.dumps([model_identity(reference), n, max_new_tokens, temperature, seed]).encode())
     cache = Path(cache_dir) / f"reference-{key.hexdigest()[:12]}.json" if cache_dir else None
     if cache is not None and cache.exists():
         return json.loads(cache.read_text())["samples"]

@@ -440,7 +440,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     mle_dir = Path(cfg.pretrained["mle"]) if "mle" in cfg.pretrained else out / "models" / "mle"
     has_mle = "mle" in cfg.pretrained or "mle" in cfg.methods
     reference = e.reference or (str(mle_dir) if has_mle else None)
-    settings = {**asdict(e), "reference": reference, "seed": cfg.seed}
+    settings = {**asdict(e), "reference": reference, "seed": cfg.seed}  # the reference by content: see _evaluate
 
     def evaluate_ready() -> None:
         if reference is not None and not e.reference and "mle" not in runs:
@@ -477,7 +477,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
 def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentConfig, reference: str | None,
               settings: dict[str, Any]) -> EvalResult:
     """Evaluate one run, or reuse its cached evaluation when the settings are unchanged."""
-    from pretag.evaluate import evaluate_model
+    from pretag.evaluate import evaluate_model, model_identity
     from pretag.schema import load_schema
 
     e = cfg.eval
@@ -486,7 +486,9 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
     # the model too, not only the settings: a model retrained in place must not keep its predecessor's evaluation;
     # and the schema its samples are scored with: one MLE model may serve two tasks (evaluate_model's
     # schema=), and an evaluation under one task's classifier must not stand in for another's
-    settings = {**settings, "model": hashlib.sha1((model_dir / TRAIN_FILE).read_bytes()).hexdigest()[:16],
+    # models by content, not path (evaluate.model_identity): a moved or copied experiment folder keeps its evaluations
+    settings = {**settings, "model": model_identity(model_dir),
+                "reference": model_identity(reference) if reference else None,
                 "schema": hashlib.sha1((data / "schema.yaml").read_bytes()).hexdigest()[:16]}
     if path.exists():
         cached = json.loads(path.read_text())

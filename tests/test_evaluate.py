@@ -213,6 +213,24 @@ def test_lm_loss_counts_the_text_tokens_token_logprobs_scores():
         assert ev.lm_loss(m, docs, start_id=start, count_tags=True)["n_tokens"] == want
 
 
+def test_token_logprobs_a_few_rows_at_a_time_is_the_log_softmax(monkeypatch):
+    """Log-probs are taken a few rows at a time (a whole batch's float32 log-softmax ran a shared GPU out of
+    memory): one row at a time gives the full log-softmax's numbers, padding and all."""
+    tok = tiny_char_tokenizer()
+    m = tiny_model(len(tok), n_positions=32)
+    docs = [[(ev.encode_plain(tok, t), True)] for t in ("abcabc", "hello world", "z", "the cat sat on the mat")]
+    whole = ev.token_logprobs(m, docs, start_id=tok.bos_token_id, batch_size=4)
+    ids = [[tok.bos_token_id, *d[0][0]] for d in docs]
+    with torch.no_grad():
+        want = [float(torch.log_softmax(m(input_ids=torch.tensor([i])).logits[0, :-1], -1)
+                      .gather(-1, torch.tensor(i[1:]).unsqueeze(-1)).sum()) for i in ids]
+    assert [s for s, _ in whole] == pytest.approx(want, abs=1e-4)
+    monkeypatch.setattr(ev, "LOGPROB_CHUNK", 1)  # one row at a time
+    rowwise = ev.token_logprobs(m, docs, start_id=tok.bos_token_id, batch_size=4)
+    assert [n for _, n in rowwise] == [n for _, n in whole] == [6, 11, 1, 22]
+    assert [s for s, _ in rowwise] == pytest.approx([s for s, _ in whole], abs=1e-5)
+
+
 def test_long_documents_are_windowed_to_the_context():
     tok = tiny_char_tokenizer()
     m = tiny_model(len(tok), n_positions=8)

@@ -283,6 +283,24 @@ def test_unchanged_config_reuses_everything(tiny_run, monkeypatch):
     assert [r["run"] for r in res["rows"]] == [*ex.METHODS, "mle→conditional"]
 
 
+def test_a_moved_experiment_folder_keeps_its_evaluations(tiny_copy, monkeypatch):
+    """Cached evaluations and reference samples are keyed by the models' content, not their paths: a finished
+    experiment copied elsewhere (from a GPU machine, say) runs again with nothing retrained, re-evaluated or resampled."""
+    out, d = tiny_copy
+    monkeypatch.setattr("pretag.train.train", lambda *a, **k: pytest.fail("retrained an unchanged run"))
+    monkeypatch.setattr("pretag.evaluate.evaluate_model", lambda *a, **k: pytest.fail("re-evaluated a moved run"))
+    res = ex.run_experiment(ex.config_from_dict(d), out)
+    assert [r["run"] for r in res["rows"]] == [*ex.METHODS, "mle→conditional"]
+    from pretag.evaluate import model_identity, reference_samples
+
+    assert model_identity(out / "models" / "mle") != model_identity(out / "models" / "conditional")
+    monkeypatch.setattr("pretag.evaluate.load_any_model", lambda *a: pytest.fail("sampled the reference again"))
+    e = ex.config_from_dict(d).eval
+    assert reference_samples(out / "models" / "mle", e.reference_samples, max_new_tokens=e.max_new_tokens,
+                             temperature=e.temperature, batch_size=e.batch_size, seed=d.get("seed", 0),
+                             cache_dir=out / "cache")
+
+
 def test_a_model_replaced_in_place_is_evaluated_again(tiny_run, tmp_path):
     import shutil
 
