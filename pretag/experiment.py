@@ -440,7 +440,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     mle_dir = Path(cfg.pretrained["mle"]) if "mle" in cfg.pretrained else out / "models" / "mle"
     has_mle = "mle" in cfg.pretrained or "mle" in cfg.methods
     reference = e.reference or (str(mle_dir) if has_mle else None)
-    settings = {**asdict(e), "reference": reference, "seed": cfg.seed}  # the reference by content: see _evaluate
+    # what an evaluation depends on (models and reference by content: see _evaluate); the policy too, or a run
+    # sampled under `guide: {bad: 3}` would keep its evaluation when the config asks for another policy
+    settings = {**asdict(e), "reference": reference, "seed": cfg.seed, "policy": cfg.policy or None}
 
     def evaluate_ready() -> None:
         if reference is not None and not e.reference and "mle" not in runs:

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -299,6 +300,27 @@ def test_a_moved_experiment_folder_keeps_its_evaluations(tiny_copy, monkeypatch)
     assert reference_samples(out / "models" / "mle", e.reference_samples, max_new_tokens=e.max_new_tokens,
                              temperature=e.temperature, batch_size=e.batch_size, seed=d.get("seed", 0),
                              cache_dir=out / "cache")
+
+
+def test_another_policy_is_evaluated_again(tiny_copy, monkeypatch):
+    """The policy is part of what an evaluation depends on: a config that now samples with `guide: {bad: 3}` must
+    not keep the evaluations made under the plain ban (it did: only the eval settings were compared)."""
+    out, d = tiny_copy
+    monkeypatch.setattr("pretag.train.train", lambda *a, **k: pytest.fail("retrained an unchanged run"))
+    calls = []
+    from pretag import evaluate
+
+    real = evaluate.evaluate_model
+
+    def counting(model_dir, **kw):
+        calls.append((Path(model_dir).name, kw["policy"]))
+        return real(model_dir, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", counting)
+    ex.run_experiment(ex.config_from_dict({**d, "policy": {"ban": ["bad"], "guide": {"bad": 3}},
+                                           "methods": ["mle", "conditional"], "finetune": {"enabled": False}}), out)
+    assert {run for run, _ in calls} == {"mle", "conditional"}
+    assert all(pol == {"ban": ["bad"], "guide": {"bad": 3}} for _, pol in calls)
 
 
 def test_a_model_replaced_in_place_is_evaluated_again(tiny_run, tmp_path):
