@@ -74,8 +74,8 @@ run|toy)
     JOBS="${JOBS:-toxicity:0:6000000 toxicity:1:6000000 negativity:0:6000000 toxicity:0:2000000}"
     DEADLINE="${DEADLINE:-520}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"  # four jobs on 16 cores: scoring and data work side by side
+    export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"  # jobs share one GPU
     quick=""
-    [ -d "$pack/tox-inline05" ] || { echo "no data pack at $pack: run 'bash recipes/gpu.sh pack' here first" >&2; exit 2; }
     if [ -d .whl ]; then
       $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
       export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
@@ -86,6 +86,12 @@ run|toy)
     DEADLINE="${DEADLINE:-0}"
     quick="--quick"
   fi
+  for job in $JOBS; do  # every job's data pack must have come along (each call carries only what it names)
+    IFS=: read -r task _ _ <<< "$job"
+    [ -f "recipes/gpu-$task.yaml" ] || { echo "job $job: no recipe recipes/gpu-$task.yaml" >&2; exit 2; }
+    lab=$(awk '/^  labeled:/ {print $2}' "recipes/gpu-$task.yaml" | sed "s#\.recipe/pack#$pack#")
+    [ -d "$lab" ] || { echo "job $job: no data pack at $lab (run 'bash recipes/gpu.sh pack' here, carry it)" >&2; exit 2; }
+  done
   export PYTHONPATH="$PWD:${PYTHONPATH:-}"
   if [[ " $JOBS" == *" smol-"* ]]; then  # SmolLM2 jobs: the GGUF from the parts stashed by earlier calls and this one
     mkdir -p "$SMOL_DIR"

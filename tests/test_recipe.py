@@ -115,3 +115,16 @@ def test_gpu_recipe_carries_smollm2_in_parts_and_brings_adapters_back(tmp_path):
                        env={**env, "SMOL_DIR": str(broken), "SMOL_PARTS": str(calls[2]), "PACK_DIR": str(pack),
                             "OUT": str(tmp_path / "out2"), "WORK": str(tmp_path / "work2"), "JOBS": "smol-toxicity:0:256"})
     assert r.returncode == 3 and "incomplete" in r.stderr and "part-2" in r.stderr
+
+
+def test_gpu_recipe_refuses_a_job_whose_data_did_not_come_along(tmp_path):
+    """Each device call carries only the packs it names: a job whose pack is missing (or whose recipe does not
+    exist) is refused before anything is installed or trained, naming what is missing."""
+    pack = tmp_path / "pack"
+    (pack / "tox-inline05").mkdir(parents=True)
+    env = {**os.environ, "PY": "false", "PACK_DIR": str(pack), "OUT": str(tmp_path / "o"), "WORK": str(tmp_path / "w")}
+    for jobs, want in (("toxicity:0:10 negativity:0:10", f"job negativity:0:10: no data pack at {pack}/neg-inline"),
+                       ("toxic:0:10", "job toxic:0:10: no recipe recipes/gpu-toxic.yaml")):
+        r = subprocess.run(["bash", str(ROOT / "recipes" / "gpu.sh"), "toy"], env={**env, "JOBS": jobs},
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and want in r.stderr, r.stderr
