@@ -118,7 +118,7 @@ def load_pretrained(source: str | Path):
         key = p.resolve()
         if key not in _GGUF_CACHE:
             logger.info("loading GGUF %s (dequantised to float32)", p)
-            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            tok = gguf_special_tokens(AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name), p)
             model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
             _GGUF_CACHE.clear()
             _GGUF_CACHE[key] = (strip_quantizer(model), tok)
@@ -131,6 +131,25 @@ def load_pretrained(source: str | Path):
         return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32), AutoTokenizer.from_pretrained(p)
     raise FileNotFoundError(f"model {str(source)!r} is not a preset ({', '.join(PRESETS)}), a HF model directory "
                             "with config.json, a .gguf file, or 'smollm2'")
+
+
+def gguf_special_tokens(tok, path: str | Path):
+    """Give ``tok`` the BOS, EOS and padding tokens the GGUF file itself declares.
+
+    transformers' GGUF tokenizer conversion differs between versions: 5.17 (the GPU machine's) made SmolLM2's
+    ``<|im_start|>`` its EOS and left it without padding, 5.24 reads the file's ``<|im_end|>`` for both. A model
+    continued on one machine then stopped and separated documents on another token than the same model here."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        f = fields.get(f"tokenizer.ggml.{key}")
+        if f is None or not f.data:
+            continue
+        i = int(f.parts[f.data[0]][0])
+        if getattr(tok, f"{name}_token_id") != i and 0 <= i < len(tok):
+            setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(i))
+    return tok
 
 
 def strip_quantizer(model):

