@@ -440,9 +440,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     mle_dir = Path(cfg.pretrained["mle"]) if "mle" in cfg.pretrained else out / "models" / "mle"
     has_mle = "mle" in cfg.pretrained or "mle" in cfg.methods
     reference = e.reference or (str(mle_dir) if has_mle else None)
-    # what an evaluation depends on (models and reference by content: see _evaluate); the policy too, or a run
-    # sampled under `guide: {bad: 3}` would keep its evaluation when the config asks for another policy
-    settings = {**asdict(e), "reference": reference, "seed": cfg.seed, "policy": cfg.policy or None}
+    # what an evaluation depends on (_evaluate adds the model, the reference and the schema, by content); the policy
+    # too, or a run sampled under `guide: {bad: 3}` would keep its evaluation when the config asks for another policy
+    settings = {**asdict(e), "seed": cfg.seed, "policy": cfg.policy or None}
 
     def evaluate_ready() -> None:
         if reference is not None and not e.reference and "mle" not in runs:

@@ -163,10 +163,11 @@ s#\.recipe/pack#$pack#g" "recipes/gpu-$task.yaml" > "$cfg"
   # (globs on job/run, e.g. "smol-toxicity-*/* smol-negativity-*/conditional_ul") picks which, so that they and
   # results.tgz stay under the 64 MiB a call brings back (~10.5 MiB each).
   if compgen -G "$work/*/models/*/adapter_model.safetensors" > /dev/null; then
-    $PY recipes/adapters.py "$work" "$work/adapters" && (cd "$work/adapters" && shopt -s nullglob && \
-      set -f && pats=(${ADAPTERS:-*/*}) && set +f && sel=() && for g in "${pats[@]}"; do sel+=($g); done && \
-      [ ${#sel[@]} -gt 0 ] && cd .. && tar czf - "${sel[@]/#/adapters/}") | split -b 15M -d -a 1 - \
+    set -f  # ADAPTERS' globs are recipes/adapters.py's to match, not the shell's
+    rm -rf "$work/adapters" && $PY recipes/adapters.py "$work" "$work/adapters" ${ADAPTERS:-} && \
+      [ -d "$work/adapters" ] && (cd "$work" && tar czf - adapters) | split -b 15M -d -a 1 - \
       "$out/adapters.tgz.part-" || echo "adapters: not packed" >&2
+    set +f
   fi
   cat "$out/summary.md"
   ls -la "$out"
