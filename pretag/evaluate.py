@@ -418,12 +418,26 @@ def opening_prompts(schema, attr, rows: Sequence[dict], n: int, *, max_chars: in
 
 
 def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n: int, max_new_tokens: int,
-                   temperature: float = 1.0, batch_size: int = 16, seed: int = 0) -> dict[str, dict]:
+                   temperature: float = 1.0, batch_size: int = 16, seed: int = 0,
+                   prompt_tags: str | None = "none") -> dict[str, dict]:
     """Temptation as a warning light for a *context*: continue held-out openings that hold a bad segment and clean
-    ones under the policy (bad tags banned), and ask whether the mean pre-ban P(bad tag) over the continuation
-    separates the two (AUROC; the seed's "warning light" for a prompt pushing the model toward bad text)."""
-    from pretag.generate import GenerateConfig, generate
+    ones under the policy (bad tags banned), and ask whether the pre-ban P(bad tag) separates the two (AUROC; the
+    seed's "warning light" for a prompt pushing the model toward bad text): ``auroc`` of its mean over the
+    continuation, ``auroc_first`` of its value at the first generated position (the first segment start after the
+    opening, where the model decides its first tag).
 
+    The openings are rendered with ``prompt_tags`` (default ``none``: the user's text, no tag): an opening tagged
+    with the policy's good tag tells the model it is clean, and a model trained on labels that hold for a whole
+    document believes the tag over the text. ``prompt_tags=None`` keeps the policy's own rendering."""
+    from dataclasses import replace
+
+    from pretag.generate import GenerateConfig, generate
+    from pretag.policy import load_policy
+
+    policy = load_policy(policy, schema)
+    if prompt_tags is not None:
+        policy = replace(policy, prompt_tags=prompt_tags)
+        policy.validate(schema)
     out = {}
     for a in (a for a in schema.segment_attributes if a.bands is None):
         prompts, labels = opening_prompts(schema, a, rows, n)
@@ -431,19 +445,24 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
             out[a.name] = {"auroc": float("nan"), "n_bad": 0, "n_clean": 0}
             continue
         bad_toks = [schema.open_token(a.tags[v]) for v in a.bad]
-        means = []
+        means, firsts = [], []
         for b in range(0, len(prompts), batch_size):
             cfg = GenerateConfig(max_new_tokens=max_new_tokens, n=1, do_sample=True, temperature=temperature,
                                  seed=seed + b)
             for seq in generate(model, tokenizer, schema, prompts[b : b + batch_size], policy, cfg).sequences:
                 p = [sum(t.temptation.get(x, 0.0) for x in bad_toks) for t in seq.tokens]
                 means.append(float(np.mean(p)) if p else 0.0)
-        bad_m = [m for m, y in zip(means, labels) if y]
-        clean_m = [m for m, y in zip(means, labels) if not y]
-        lo, hi = auroc_interval(bad_m, clean_m, seed=seed)
-        out[a.name] = {"auroc": auroc(means, labels), "n_bad": len(bad_m), "n_clean": len(clean_m),
-                       "mean_after_bad": float(np.mean(bad_m)), "mean_after_clean": float(np.mean(clean_m)),
-                       "auroc_lo": lo, "auroc_hi": hi}
+                firsts.append(p[0] if p else 0.0)
+        y = np.asarray(labels, dtype=bool)
+        m, f = np.asarray(means), np.asarray(firsts)
+        lo, hi = auroc_interval(m[y], m[~y], seed=seed)
+        flo, fhi = auroc_interval(f[y], f[~y], seed=seed)
+        out[a.name] = {"auroc": auroc(m, labels), "n_bad": int(y.sum()), "n_clean": int((~y).sum()),
+                       "mean_after_bad": float(m[y].mean()), "mean_after_clean": float(m[~y].mean()),
+                       "auroc_lo": lo, "auroc_hi": hi,
+                       "auroc_first": auroc(f, labels), "auroc_first_lo": flo, "auroc_first_hi": fhi,
+                       "first_after_bad": float(f[y].mean()), "first_after_clean": float(f[~y].mean()),
+                       "prompt_tags": policy.resolved_prompt_tags(schema)}
     return out
 
 
@@ -682,7 +701,7 @@ def evaluate_model(
 
     # 2. temptation as a warning light: unbanned samples of a tag-trained model
     if tagged:
-        free = TagPolicy(force_at=pol.resolved_force_at(schema), name="unbanned")
+        free = TagPolicy(force_at=pol.resolved_force_at(schema), prompt_tags=pol.prompt_tags, name="unbanned")
         fs = generate_samples(model, tok, schema, free, [""] * max(1, samples // 2), max_new_tokens=max_new_tokens,
                               temperature=temperature, batch_size=batch_size, seed=seed + 7919,
                               desc=f"{Path(model_dir).name}: unbanned samples")

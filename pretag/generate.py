@@ -134,9 +134,9 @@ def start_tag(schema: Schema, policy: TagPolicy, attr) -> str:
 def prompt_ids(tokenizer, schema: Schema, policy: TagPolicy, prompt: str) -> list[int]:
     """Token ids of a prompt rendered as training rendered documents (tags inserted by id, text tag-safe), each
     attribute opened with the policy's :func:`start_tag` (``pretag.tokens.TagVocab.prompt_ids``)."""
-    force_at = policy.resolved_force_at(schema)
-    tags = None if force_at == "none" else {a.name: start_tag(schema, policy, a) for a in schema.attributes}
-    return TagVocab(tokenizer, schema).prompt_ids(prompt, tags, every_segment=force_at == "segment")
+    how = policy.resolved_prompt_tags(schema)
+    tags = None if how == "none" else {a.name: start_tag(schema, policy, a) for a in schema.attributes}
+    return TagVocab(tokenizer, schema).prompt_ids(prompt, tags, every_segment=how == "every")
 
 
 class ContextLengthError(ValueError):

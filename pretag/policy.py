@@ -23,6 +23,7 @@ from pretag.schema import Schema
 
 POLICY_DIR = Path(__file__).parent / "configs" / "policies"
 FORCE_AT = ("segment", "start", "none")
+PROMPT_TAGS = ("every", "first", "none")
 RULE_ACTIONS = ("flag", "stop", "switch", "ban")
 MAX_BIAS = 1e4
 """Largest |bias| accepted: e^10000 already decides any choice; beyond ~1e38 a float32 logit overflows to inf and
@@ -88,6 +89,12 @@ class TagPolicy:
     bias: dict[str, float] = field(default_factory=dict)
     force_at: str | None = None
     """``segment`` | ``start`` | ``none``; None = the schema's default (prefix: segment, span: start)."""
+    prompt_tags: str | None = None
+    """How the prompt itself is tagged: ``every`` segment with the start tag (as if the prompt were text the policy
+    wrote), the ``first`` one only, or ``none`` (the prompt is the user's text and claims nothing; tags are forced
+    from the first segment start the model writes). None = as ``force_at`` implies (segment: every, start: first,
+    none: none). ``none`` is how a warning light reads a context: the model judges the prompt instead of being
+    told it is good."""
     rules: list[Rule] = field(default_factory=list)
     name: str = "policy"
     guide: dict[str, float] = field(default_factory=dict)
@@ -96,6 +103,9 @@ class TagPolicy:
 
     def resolved_force_at(self, schema: Schema) -> str:
         return self.force_at or ("segment" if schema.render == "prefix" else "start")
+
+    def resolved_prompt_tags(self, schema: Schema) -> str:
+        return self.prompt_tags or {"segment": "every", "start": "first", "none": "none"}[self.resolved_force_at(schema)]
 
     def validate(self, schema: Schema) -> None:
         """Raise :class:`PolicyError` listing every problem (unknown tags name the known ones)."""
@@ -125,6 +135,13 @@ class TagPolicy:
                 problems.append(f"guide: weight for {t!r} must be a number in (0, {MAX_GUIDE:g}], got {w!r}")
         if self.force_at is not None and self.force_at not in FORCE_AT:
             problems.append(f"force_at {self.force_at!r} is not one of {FORCE_AT}")
+        if self.prompt_tags is not None and self.prompt_tags not in PROMPT_TAGS:
+            problems.append(f"prompt_tags {self.prompt_tags!r} is not one of {PROMPT_TAGS}")
+        elif self.prompt_tags == "every" and self.resolved_force_at(schema) != "segment":
+            problems.append("prompt_tags 'every' needs force_at 'segment' (a tag before every prompt segment is what "
+                            "segment forcing writes)")
+        elif self.prompt_tags == "first" and self.resolved_force_at(schema) == "none":
+            problems.append("prompt_tags 'first' needs force_at 'segment' or 'start' (force_at 'none' forces no tag)")
         for t in set(self.ban) & (set(self.force) | set(self.allow)):
             problems.append(f"tag {t!r} is both banned and forced/allowed")
         for a in schema.attributes:
@@ -181,6 +198,8 @@ class TagPolicy:
             d["bias"] = dict(self.bias)
         if self.force_at:
             d["force_at"] = self.force_at
+        if self.prompt_tags:
+            d["prompt_tags"] = self.prompt_tags
         if self.guide:
             d["guide"] = dict(self.guide)
         if self.rules:
@@ -201,7 +220,8 @@ def policy_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> TagPolicy:
     if not isinstance(d, dict):
         raise PolicyError(f"{where}: a policy must be a mapping, got {type(d).__name__}")
     problems = Problems()
-    known = {"name", "description", "schema", "ban", "force", "allow", "bias", "force_at", "rules", "guide"}
+    known = {"name", "description", "schema", "ban", "force", "allow", "bias", "force_at", "prompt_tags", "rules",
+             "guide"}
     for k in d:
         if k not in known:
             problems.append(f"unknown key {k!r} (known: {', '.join(sorted(known))})")
@@ -240,7 +260,8 @@ def policy_from_dict(d: dict[str, Any], *, where: str = "<dict>") -> TagPolicy:
         rules.append(Rule(**r))
     problems.check(PolicyError, where, of="the policy")
     return TagPolicy(ban=lists["ban"], force=lists["force"], allow=lists["allow"],
-                     bias={str(k): v for k, v in bias.items()}, force_at=d.get("force_at"), rules=rules,
+                     bias={str(k): v for k, v in bias.items()}, force_at=d.get("force_at"),
+                     prompt_tags=d.get("prompt_tags"), rules=rules,
                      guide={str(k): v for k, v in guide.items()},
                      name=str(d.get("name") or Path(where).stem))
 
@@ -253,7 +274,8 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
     """Parse the compact form: comma-separated ``verb:arg`` items.
 
     ``ban:TAG`` (``ban:TAG@N`` = ban from generated token N on), ``force:TAG``, ``allow:TAG``, ``bias:TAG=+2``,
-    ``guide:TAG=2`` (tag guidance, ``pretag.guidance``), ``force_at:segment|start|none``, ``alarm:TAG>0.3`` (flag), ``alarm:TAG>0.3x3=stop`` (3 consecutive tokens),
+    ``guide:TAG=2`` (tag guidance, ``pretag.guidance``), ``force_at:segment|start|none``,
+    ``prompt_tags:every|first|none``, ``alarm:TAG>0.3`` (flag), ``alarm:TAG>0.3x3=stop`` (3 consecutive tokens),
     ``alarm:TAG>0.3=switch:POLICY`` (a shipped policy name or file). Tags may contain ``:`` (``grade:6-10``).
     """
     problems = Problems()
@@ -263,7 +285,7 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
             continue
         verb, sep, arg = item.partition(":")
         if not sep or not arg:
-            problems.append(f"{item!r}: expected verb:argument (verbs: ban, force, allow, bias, guide, force_at, alarm)")
+            problems.append(f"{item!r}: expected verb:argument (verbs: ban, force, allow, bias, guide, force_at, prompt_tags, alarm)")
         elif verb == "ban" and "@" in arg:
             tag, _, n = arg.rpartition("@")
             if not n.isdigit():
@@ -291,6 +313,8 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
                 problems.append(f"{item!r}: expected guide:TAG or guide:TAG=WEIGHT (e.g. guide:bad=2)")
         elif verb == "force_at":
             p.force_at = arg
+        elif verb == "prompt_tags":
+            p.prompt_tags = arg
         elif verb == "alarm":
             m = _RULE_RE.match(arg)
             if not m:
@@ -303,7 +327,7 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
             p.rules.append(Rule(action, watch=m["tag"], above=float(m["above"]), consecutive=int(m["k"] or 1),
                                 after=int(m["after"]) if m["after"] else None, policy=target))
         else:
-            problems.append(f"{item!r}: unknown verb {verb!r} (verbs: ban, force, allow, bias, guide, force_at, alarm)")
+            problems.append(f"{item!r}: unknown verb {verb!r} (verbs: ban, force, allow, bias, guide, force_at, prompt_tags, alarm)")
     problems.check(PolicyError, f"policy string {text!r}")
     return p
 

@@ -53,6 +53,10 @@ def result_row(run: str, result: EvalResult, train_info: dict | None = None) -> 
             row[f"{attr}.{col}"] = None if t is None else t.auroc
             if col == "warning_auroc" and t is not None and t.auroc_lo is not None:
                 row[f"{attr}.{col}_lo"], row[f"{attr}.{col}_hi"] = t.auroc_lo, t.auroc_hi
+            if col == "warning_auroc" and t is not None and t.auroc_first is not None:
+                row[f"{attr}.warning_first_auroc"] = t.auroc_first
+                row[f"{attr}.warning_first_auroc_lo"] = t.auroc_first_lo
+                row[f"{attr}.warning_first_auroc_hi"] = t.auroc_first_hi
     est("kl", result.kl)
     row["loss"] = None if result.loss is None else result.loss.untagged.loss
     row["loss_tagged"] = None if result.loss is None else result.loss.tagged.loss

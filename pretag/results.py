@@ -213,8 +213,10 @@ class Temptation(_Flat):
 
 @dataclass
 class WarningLight:
-    """Mean pre-ban P(bad tag) continuing bad vs clean held-out openings (AUROC). With no openings of both kinds
-    only the counts (0, 0) are there."""
+    """Pre-ban P(bad tag) continuing bad vs clean held-out openings (AUROC): ``auroc`` of its mean over the
+    continuation, ``auroc_first`` of its value at the first generated position. With no openings of both kinds only
+    the counts (0, 0) are there. Older results lack the first-step fields and ``prompt_tags`` (they tagged the
+    openings as the policy does: ``every`` for prefix schemas)."""
 
     auroc: float | None
     n_bad: int
@@ -224,12 +226,22 @@ class WarningLight:
     auroc_lo: float | None = None
     """95 % interval of the AUROC (bad and clean openings resampled separately); absent in older results."""
     auroc_hi: float | None = None
+    auroc_first: float | None = None
+    auroc_first_lo: float | None = None
+    auroc_first_hi: float | None = None
+    first_after_bad: float | None = None
+    first_after_clean: float | None = None
+    prompt_tags: str | None = None
+    """How the openings were rendered (``none``: plain text, the model judges them)."""
+
+    _NEWER = ("auroc_lo", "auroc_hi", "auroc_first", "auroc_first_lo", "auroc_first_hi", "first_after_bad",
+              "first_after_clean", "prompt_tags")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "warning_light") -> WarningLight:
         some = isinstance(d, dict) and bool(d.get("n_bad") or d.get("n_clean"))
-        ci = ("auroc_lo", "auroc_hi")
-        return cls(**_take(cls, d, where, optional=ci if some else ("mean_after_bad", "mean_after_clean", *ci)))
+        opt = cls._NEWER if some else ("mean_after_bad", "mean_after_clean", *cls._NEWER)
+        return cls(**_take(cls, d, where, optional=opt))
 
     def to_dict(self) -> dict[str, Any]:
         out = {"auroc": self.auroc, "n_bad": self.n_bad, "n_clean": self.n_clean}
@@ -237,6 +249,7 @@ class WarningLight:
             out.update(mean_after_bad=self.mean_after_bad, mean_after_clean=self.mean_after_clean)
         if self.auroc_lo is not None:
             out.update(auroc_lo=self.auroc_lo, auroc_hi=self.auroc_hi)
+        out.update({k: getattr(self, k) for k in self._NEWER[2:] if getattr(self, k) is not None})
         return out
 
 

@@ -338,6 +338,22 @@ def test_policy_parsing_and_validation(multi):
     assert (r.watch, r.above, r.consecutive, r.after, r.action) == ("bad", 0.25, 3, 10, "stop")
 
 
+def test_prompt_tags_parse_validate_and_round_trip(pep8):
+    s, _ = pep8
+    p = load_policy("ban:bad,prompt_tags:none", s)
+    assert p.prompt_tags == "none" and p.resolved_prompt_tags(s) == "none" and p.resolved_force_at(s) == "segment"
+    assert load_policy(p.to_dict(), s).prompt_tags == "none"
+    # unset: as force_at implies
+    assert [load_policy(f"force_at:{fa}", s).resolved_prompt_tags(s) for fa in ("segment", "start", "none")] == \
+        ["every", "first", "none"]
+    with pytest.raises(PolicyError, match="prompt_tags 'some' is not one of"):
+        load_policy("prompt_tags:some", s)
+    with pytest.raises(PolicyError, match="prompt_tags 'every' needs force_at 'segment'"):
+        load_policy("force_at:start,prompt_tags:every", s)
+    with pytest.raises(PolicyError, match="prompt_tags 'first' needs force_at"):
+        load_policy({"force_at": "none", "prompt_tags": "first"}, s)
+
+
 def test_shipped_policies_validate():
     names = shipped_policies()
     assert names, "no shipped policies"

@@ -426,26 +426,35 @@ def test_opening_prompts_are_balanced_and_judged_by_the_natural_threshold():
     assert schema.attributes[0].tagged_bad(0.1) and not schema.attributes[0].is_bad(0.1)
 
 
-def test_prompt_warning_averages_the_bad_tags_temptation_over_the_continuation(monkeypatch):
+def test_prompt_warning_reads_the_bad_tags_temptation_after_untagged_openings(monkeypatch):
     from types import SimpleNamespace
 
     import pretag.generate as gen
     from pretag.schema import schema_from_dict
 
     schema = schema_from_dict({"attributes": [{"name": "x", "scorer": "profanity", "threshold": 0.5}]})
+    seen = []
 
-    def fake_generate(model, tokenizer, schema, prompts, policy, cfg):  # P(bad) 0.6 then 0.2 after a bad opening
+    def fake_generate(model, tokenizer, schema, prompts, policy, cfg):  # after a bad opening: P(bad) 0.6, then 0.2
+        seen.append(policy.resolved_prompt_tags(schema))
+
         def seq(p):
             hi = int(p.split()[1].rstrip(".")) % 2 == 0
-            temps = [0.6, 0.2] if hi else [0.1, 0.1]
+            temps = [0.6, 0.2] if hi else [0.1, 0.9]
             return SimpleNamespace(tokens=[SimpleNamespace(temptation={"<|bad|>": t, "<|good|>": 0.5}) for t in temps])
         return SimpleNamespace(sequences=[seq(p) for p in prompts])
 
     monkeypatch.setattr(gen, "generate", fake_generate)
     res = ev.prompt_warning(None, None, schema, None, _warn_rows(), n=3, max_new_tokens=2)["x"]
-    assert (res["n_bad"], res["n_clean"]) == (3, 3)
-    assert res["auroc"] == 1.0 and (res["auroc_lo"], res["auroc_hi"]) == (1.0, 1.0)  # every resample separates
-    assert res["mean_after_bad"] == pytest.approx(0.4) and res["mean_after_clean"] == pytest.approx(0.1)
+    assert (res["n_bad"], res["n_clean"]) == (3, 3) and set(seen) == {"none"} and res["prompt_tags"] == "none"
+    # the mean over the continuation (0.4 vs 0.5) points the wrong way; the first step (0.6 vs 0.1) separates
+    assert res["auroc"] == 0.0 and res["mean_after_bad"] == pytest.approx(0.4)
+    assert res["mean_after_clean"] == pytest.approx(0.5)
+    assert res["auroc_first"] == 1.0 and (res["auroc_first_lo"], res["auroc_first_hi"]) == (1.0, 1.0)
+    assert (res["first_after_bad"], res["first_after_clean"]) == (pytest.approx(0.6), pytest.approx(0.1))
+    seen.clear()
+    assert ev.prompt_warning(None, None, schema, None, _warn_rows(), n=3, max_new_tokens=2,
+                             prompt_tags=None)["x"]["prompt_tags"] == "every" and set(seen) == {"every"}
 
 
 def test_auroc_interval_resamples_each_group_and_brackets_the_point():

@@ -147,6 +147,27 @@ def test_replay_reproduces_live_records(tiny):
     assert torch.allclose(torch.stack(proc.temptations[:n], 1), torch.stack(again.temptations, 1), atol=1e-5)
 
 
+def test_untagged_prompt_lets_the_model_judge_it(tiny):
+    """``prompt_tags: none``: the prompt carries no tag (the user's text claims nothing); the first segment the model
+    writes is still forced to a good tag, and its temptation is the model's own P(bad) after the plain prompt."""
+    model, tok, schema, _ = tiny
+    from pretag.generate import prompt_ids
+    from pretag.policy import load_policy
+    from pretag.tokens import tag_ids
+
+    tags = set(tag_ids(tok, schema).values())
+    tagged = prompt_ids(tok, schema, load_policy("ban:bad", schema), "x = 1\ny=2\n")
+    plain = prompt_ids(tok, schema, load_policy("ban:bad,prompt_tags:none", schema), "x = 1\ny=2\n")
+    assert sum(i in tags for i in tagged) == 2 and not tags & set(plain)
+    assert [i for i in tagged if i not in tags] == plain
+    res = generate(model, tok, schema, "x = 1\ny=2\n", "ban:bad,prompt_tags:none", GenerateConfig(max_new_tokens=6))
+    first = res.sequences[0].tokens[0]
+    assert first.is_tag and first.text == "<|good|>"
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([plain])).logits[0, -1].float(), -1)
+    assert first.temptation["<|bad|>"] == pytest.approx(float(p[tok.convert_tokens_to_ids("<|bad|>")]), abs=1e-5)
+
+
 def test_alarm_stops_generation(tiny):
     model, tok, schema, _ = tiny
     cfg = GenerateConfig(max_new_tokens=40)

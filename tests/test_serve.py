@@ -71,6 +71,17 @@ def test_the_operators_tag_guidance_survives_every_merge():
     assert describe(op)["guide"] == {"profane": 3.0} and "guide" not in describe(load_policy("ban:profane", SCHEMA))
 
 
+def test_the_operators_prompt_rendering_survives_every_merge():
+    """An operator who serves with untagged prompts (the warning light reads the user's text) keeps that for every
+    request; describe() shows it."""
+    from pretag.serve.floor import describe
+
+    op = load_policy("ban:profane,prompt_tags:none", SCHEMA)
+    for req in (RequestPolicy(), RequestPolicy(ban=["pii"], alarms={"neg": 0.2})):
+        assert merge(op, req, SCHEMA).resolved_prompt_tags(SCHEMA) == "none"
+    assert describe(op)["prompt_tags"] == "none" and "prompt_tags" not in describe(load_policy("ban:profane", SCHEMA))
+
+
 def test_floor_rejects_every_attempt_to_lift_at_once():
     op = load_policy("ban:profane,alarm:pii>0.3=stop,force:safe", SCHEMA)
     req = RequestPolicy(allow=["profane"], bias={"profane": 5.0}, force=["offensive"], alarms={"pii": 0.9},

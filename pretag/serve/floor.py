@@ -23,9 +23,9 @@ turn off stopping   **rejected** (422) when the operator's policy stops generati
 
 Rejecting rather than silently merging is deliberate: a client that believes it allowed a tag should learn that it
 did not, instead of reading output produced under rules it did not ask for. Every problem is reported at once.
-The operator's ``force_at``, dynamic rules (bans after N tokens) and alarms are copied unchanged; a ``switch`` rule's
-target additionally keeps every ban in force before the switch (the operator's, the request's and the siblings of
-every forced tag), since a switch replaces the whole policy and must tighten, never lift.
+The operator's ``force_at``, ``prompt_tags``, dynamic rules (bans after N tokens) and alarms are copied unchanged; a
+``switch`` rule's target additionally keeps every ban in force before the switch (the operator's, the request's and
+the siblings of every forced tag), since a switch replaces the whole policy and must tighten, never lift.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def stops_on_alarm(policy: TagPolicy) -> bool:
 def describe(policy: TagPolicy) -> dict[str, Any]:
     """A JSON view of a policy for clients (the playground builds its locked rows from it)."""
     return {"name": policy.name, "ban": list(policy.ban), "force": list(policy.force), "bias": dict(policy.bias),
-            "force_at": policy.force_at, "alarms": alarm_thresholds(policy), "stop_on_alarm": stops_on_alarm(policy),
+            "force_at": policy.force_at, **({"prompt_tags": policy.prompt_tags} if policy.prompt_tags else {}),
+            "alarms": alarm_thresholds(policy), "stop_on_alarm": stops_on_alarm(policy),
             "rules": [r.label for r in policy.rules], **({"guide": dict(policy.guide)} if policy.guide else {})}
 
 
@@ -137,7 +138,8 @@ def merge(operator: TagPolicy, request: RequestPolicy, schema: Schema) -> TagPol
     if problems:
         raise PolicyFloorError(problems)
     merged = TagPolicy(ban=ban, force=force, allow=[t for t in operator.allow if t not in ban], bias=bias,
-                       force_at=operator.force_at, rules=rules, name=f"{operator.name}+request",
+                       force_at=operator.force_at, prompt_tags=operator.prompt_tags, rules=rules,
+                       name=f"{operator.name}+request",
                        guide=dict(operator.guide))  # the operator's tag guidance is part of the floor
     try:
         merged.validate(schema)

@@ -1,5 +1,7 @@
 """The warning light on more prompts than an experiment's evaluation uses: N held-out openings holding a bad
-sentence and N clean ones, continued under a policy; AUROC of the mean pre-ban P(<|bad|>) with its interval.
+sentence and N clean ones, continued under a policy; AUROC of the mean pre-ban P(<|bad|>) over the continuation and
+of its value at the first generated position, with their intervals. The openings are plain text (``--prompt-tags
+none``); ``--prompt-tags policy`` tags them as the policy does (before 2026-12-01 the only rendering).
 
     python docs/results/guidance/warning_probe.py MODEL_DIR DATA -n 128 [--policy 'ban:bad,guide:bad=3'] [--out F]
 """
@@ -22,12 +24,14 @@ def main() -> None:
     ap.add_argument("--policy", default=None, help="default: the model's default policy")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-tags", default="none", choices=["none", "first", "every", "policy"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model, tok, schema = load_model_dir(a.model)
     pol = load_policy(a.policy, schema)
     res = prompt_warning(model, tok, schema, pol, heldout_rows(a.model, a.data), n=a.n,
-                         max_new_tokens=a.max_new_tokens, batch_size=32, seed=a.seed + 15485863)
+                         max_new_tokens=a.max_new_tokens, batch_size=32, seed=a.seed + 15485863,
+                         prompt_tags=None if a.prompt_tags == "policy" else a.prompt_tags)
     out = {"model": a.model, "policy": pol.to_dict(), "n": a.n, "warning_light": res}
     print(json.dumps(out))
     if a.out:
