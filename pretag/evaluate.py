@@ -431,6 +431,8 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
     document believes the tag over the text. ``prompt_tags=None`` keeps the policy's own rendering."""
     from dataclasses import replace
 
+    from tqdm.auto import tqdm
+
     from pretag.generate import GenerateConfig, generate
     from pretag.policy import load_policy
 
@@ -446,6 +448,8 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
             continue
         bad_toks = [schema.open_token(a.tags[v]) for v in a.bad]
         means, firsts = [], []
+        bar = tqdm(total=len(prompts), desc=f"warning light ({a.name})", unit="opening", disable=None, leave=False,
+                   dynamic_ncols=True)
         for b in range(0, len(prompts), batch_size):
             cfg = GenerateConfig(max_new_tokens=max_new_tokens, n=1, do_sample=True, temperature=temperature,
                                  seed=seed + b)
@@ -453,6 +457,8 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
                 p = [sum(t.temptation.get(x, 0.0) for x in bad_toks) for t in seq.tokens]
                 means.append(float(np.mean(p)) if p else 0.0)
                 firsts.append(p[0] if p else 0.0)
+            bar.update(len(prompts[b : b + batch_size]))
+        bar.close()
         y = np.asarray(labels, dtype=bool)
         m, f = np.asarray(means), np.asarray(firsts)
         lo, hi = auroc_interval(m[y], m[~y], seed=seed)

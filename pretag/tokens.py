@@ -509,14 +509,19 @@ class Blocks:
 
 
 def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], *, tags: bool,
-                     tag_dropout: float = 0.0, threshold: float | None = None, seed: int = 0):
+                     tag_dropout: float = 0.0, untagged_openings: float = 0.0, threshold: float | None = None,
+                     seed: int = 0):
     """Encode documents into one token stream with per-token metadata (EOS after each document).
 
     ``tags``: insert tag ids (conditional training). ``tag_dropout``: leave this fraction of segments (and of
     document-level tags) untagged, the paper's trick so the model also learns the unconditional distribution.
+    ``untagged_openings``: in this fraction of documents with two or more segments, leave the first k segments'
+    segment tags out (k uniform in 1..n-1), as a prompt rendered with ``prompt_tags: none`` arrives; the next tag must
+    then be read from the text alone, which a tag history (labels that hold for a whole document) never asks for.
     """
-    if not 0.0 <= tag_dropout <= 1.0:
-        raise ValueError(f"tag_dropout must be in [0, 1], got {tag_dropout}")
+    for name, v in (("tag_dropout", tag_dropout), ("untagged_openings", untagged_openings)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
     rng = np.random.default_rng(seed)
     vocab = TagVocab(tokenizer, schema).checked()
     eos = tokenizer.eos_token_id
@@ -532,6 +537,10 @@ def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], 
             for a in schema.attributes:
                 keep = [not drop_doc] if a.level == "document" else ~drop_seg
                 row_tags[a.name] = [t if k else None for t, k in zip(row_tags[a.name], keep)]
+        if tags and untagged_openings > 0 and len(segs) > 1 and rng.random() < untagged_openings:
+            k = int(rng.integers(1, len(segs)))
+            for a in schema.segment_attributes:
+                row_tags[a.name] = [None] * k + list(row_tags[a.name][k:])
         docs.append((segs, row_tags))
     plan: list[tuple[int, int, list[int], bool]] = []  # (doc, segment (-1: document tag, -2: EOS), ids, is tag)
     for d, doc in enumerate(vocab.render_many(docs)):
@@ -571,14 +580,16 @@ def encode_documents(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], 
 
 
 def pack(tokenizer, schema: Schema, rows: Sequence[dict[str, Any]], block_size: int, *, tags: bool,
-         tag_dropout: float = 0.0, threshold: float | None = None, seed: int = 0) -> Blocks:
+         tag_dropout: float = 0.0, untagged_openings: float = 0.0, threshold: float | None = None,
+         seed: int = 0) -> Blocks:
     """Documents -> fixed-length blocks (the last one padded and masked), scores aligned with tokens."""
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     if not rows:
         raise ValueError("no documents to pack")
     ids, scores, reward, bad, is_tag = encode_documents(tokenizer, schema, rows, tags=tags, tag_dropout=tag_dropout,
-                                                        threshold=threshold, seed=seed)
+                                                        untagged_openings=untagged_openings, threshold=threshold,
+                                                        seed=seed)
     n = len(ids)
     n_blocks = max(1, math.ceil(n / block_size))
     pad = n_blocks * block_size - n

@@ -92,6 +92,10 @@ class TrainConfig:
     """auto (GPU if present, else CPU) or cpu."""
     tag_dropout: float = 0.0
     """conditional: fraction of segments left untagged (paper: 0.01 toxicity, 0.1 PEP8)."""
+    untagged_openings: float = 0.0
+    """conditional: fraction of documents whose first k segments are left untagged (k uniform in 1..n-1), so the
+    model learns to read the next tag from untagged text, as it must after a user's prompt (``prompt_tags: none``;
+    the warning light). Labels that hold for a whole document otherwise only teach it to copy the previous tag."""
     threshold: float | None = None
     """filter/unlikelihood: score threshold overriding the schema's (0 means 0: any violation is bad)."""
     filter_drop: float | None = None
@@ -259,6 +263,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"lr must be > 0, got {cfg.lr}")
     if not 0.0 <= cfg.tag_dropout <= 1.0:
         p.append(f"tag_dropout must be in [0, 1], got {cfg.tag_dropout}")
+    if not 0.0 <= cfg.untagged_openings <= 1.0:
+        p.append(f"untagged_openings must be in [0, 1], got {cfg.untagged_openings}")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         p.append(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.method == "awr" and not 0.0 <= cfg.alpha <= 1.0:
@@ -282,8 +288,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"tag_words must map tag names to lists of words, got {cfg.tag_words!r}")
     if cfg.lora and cfg.model in PRESETS:
         p.append(f"lora needs a pretrained model (a dir, .gguf or smollm2), not the fresh preset {cfg.model!r}")
-    if cfg.tag_dropout > 0 and cfg.method not in USES_TAGS:
-        logger.warning("tag_dropout is ignored by %s (only %s puts tags in the text)", cfg.method, sorted(USES_TAGS))
+    for knob in ("tag_dropout", "untagged_openings"):
+        if getattr(cfg, knob) > 0 and cfg.method not in USES_TAGS:
+            logger.warning("%s is ignored by %s (only %s puts tags in the text)", knob, cfg.method, sorted(USES_TAGS))
     return p
 
 
@@ -360,7 +367,7 @@ def prepare(cfg: TrainConfig, data: str | Path, resume_from: Path | None = None)
             raise ValueError("filter: every training document is misaligned at this threshold; nothing to train on")
         train_rows = kept
     train_blocks = pack(tokenizer, schema, train_rows, cfg.block_size, tags=tags, tag_dropout=cfg.tag_dropout,
-                        threshold=cfg.threshold, seed=cfg.seed)
+                        untagged_openings=cfg.untagged_openings, threshold=cfg.threshold, seed=cfg.seed)
     eval_blocks: Blocks | None = None
     if eval_rows:
         eval_blocks = pack(tokenizer, schema, eval_rows, cfg.block_size, tags=tags, threshold=cfg.threshold,

@@ -181,6 +181,29 @@ def test_tag_dropout_leaves_a_fraction_untagged(tok, toy):
     assert pack(tok, toy, rows, 64, tags=True, tag_dropout=1.0).is_tag.sum() == 0
 
 
+def test_untagged_openings_leave_a_documents_first_segments_untagged(tok, toy):
+    """In the chosen documents the first k (1..n-1) segments carry no tag and the rest keep theirs, so the model must
+    read the next tag from untagged text, as after a prompt rendered with prompt_tags: none; single-segment
+    documents keep theirs."""
+    segs, tags = ["S a. ", "b. ", "c. ", "d. "], ["<|good|>", "<|bad|>", "<|good|>", "<|bad|>"]
+    rows = [row(toy, segs, {"tox": [0.1, 0.9, 0.1, 0.9]}, str(i)) for i in range(100)]
+    rows.append(row(toy, ["only. "], {"tox": [0.9]}, "single"))
+    expected = {k: "".join(segs[:k]) + "".join(t + x for t, x in zip(tags[k:], segs[k:])) for k in range(4)}
+
+    def docs(blocks):  # each document's text as decoded (tags as their strings), split at EOS
+        text = tok.decode(blocks.input_ids[blocks.mask].tolist(), skip_special_tokens=False)
+        return [d for d in text.split(tok.eos_token) if d]
+
+    assert docs(pack(tok, toy, rows, 64, tags=True)) == [expected[0]] * 100 + ["<|bad|>only. "]
+    aug = docs(pack(tok, toy, rows, 64, tags=True, untagged_openings=1.0, seed=3))
+    ks = [next(k for k, e in expected.items() if e == d) for d in aug[:-1]]
+    assert set(ks) == {1, 2, 3} and aug[-1] == "<|bad|>only. "
+    half = docs(pack(tok, toy, rows, 64, tags=True, untagged_openings=0.5, seed=3))
+    assert 25 < sum(d != expected[0] for d in half[:-1]) < 75
+    with pytest.raises(ValueError, match="untagged_openings"):
+        pack(tok, toy, rows, 64, tags=True, untagged_openings=1.5)
+
+
 def test_multi_attribute_reward_is_weighted_sum_and_document_level_broadcasts():
     m = schema_from_dict(MULTI)
     r = row(m, ["x. ", "y. "], {"off": [1.0], "tox": [0.2, 0.9], "sent": [0.5, -0.8]})
