@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -303,9 +303,12 @@ def _saved_config(model_dir: Path) -> dict[str, Any] | None:
 
 def config_diff(saved: dict[str, Any], tcfg, p: PlannedRun) -> list[str]:
     """``key old -> new`` for each training setting where a saved run differs from the planned one. A fine-tune's
-    start model is this experiment's own stage folder: compared by name, so a moved experiment still matches."""
+    start model is this experiment's own stage folder: compared by name, so a moved experiment still matches. A
+    setting an older pretag did not write yet counts as its default (a new knob defaults to the old behaviour), so
+    adding one does not orphan every trained run."""
     now = {k: v for k, v in tcfg.to_dict().items() if k != "sources"}
-    old = dict(saved)
+    defaults = {f.name: f.default for f in fields(tcfg) if f.default is not MISSING}
+    old = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     if p.model is not None and old.get("model") is not None:
         old["model"], now["model"] = Path(str(old["model"])).name, Path(str(now["model"])).name
     return [f"{k} {old.get(k)!r} -> {now[k]!r}" for k in now if old.get(k) != now[k]]

@@ -265,6 +265,22 @@ def test_a_changed_budget_is_refused_not_answered_with_the_old_models(tiny_copy,
     assert {p: (out / p).read_bytes() for p in before} == before  # config.yaml is not rewritten before the check
 
 
+def test_a_run_saved_before_a_new_training_knob_is_still_reused(tiny_copy):
+    """A training setting an older pretag did not write yet (here untagged_openings) counts as its default: adding
+    a knob must not orphan every trained run, and a config that asks for a non-default value is still refused."""
+    out, d = tiny_copy
+    files = sorted((out / "models").glob("*/pretag_train.yaml"))
+    assert len(files) >= 2
+    for f in files:
+        saved = yaml.safe_load(f.read_text())
+        assert saved["config"].pop("untagged_openings") == 0.0
+        f.write_text(yaml.safe_dump(saved))
+    assert ex.reuse_problems(ex.config_from_dict(d), out, "pep8") == []
+    asked = {**d, "train": {**(d.get("train") or {}), "untagged_openings": 0.5}}
+    problems = ex.reuse_problems(ex.config_from_dict(asked), out, "pep8")
+    assert problems and all("untagged_openings 0.0 -> 0.5" in p for p in problems)
+
+
 def test_another_max_docs_is_refused_before_config_yaml_is_rewritten(tiny_copy, tmp_path, capsys):
     """It died with a traceback from label_corpus after config.yaml was already rewritten."""
     out, d = tiny_copy
