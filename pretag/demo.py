@@ -9,6 +9,7 @@ the public API (``run_experiment`` with ``pretrained`` runs, ``generate``), so t
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,14 @@ def save_adapter_bf16(src: str | Path, dest: str | Path) -> Path:
                     ignore=shutil.ignore_patterns("checkpoints", "tensorboard", weights.name))
     tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(weights).items()}
     save_file(tensors, dest / weights.name, metadata={"format": "pt"})
+    # transformers 5.17 (the GPU machine's) saves a GGUF tokenizer with clean_up_tokenization_spaces: true, which
+    # 5.24 warns about on every load and which would make a plain decode rewrite " ." as "."; pretag's text is
+    # exact, as the adapters trained here save it (the key absent)
+    tc = dest / "tokenizer_config.json"
+    if tc.exists():
+        conf = json.loads(tc.read_text())
+        if conf.pop("clean_up_tokenization_spaces", None) is not None:
+            tc.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
     return dest
 
 
