@@ -91,8 +91,8 @@ class TagPolicy:
     """``segment`` | ``start`` | ``none``; None = the schema's default (prefix: segment, span: start)."""
     prompt_tags: str | None = None
     """How the prompt itself is tagged: ``every`` segment with the start tag (as if the prompt were text the policy
-    wrote), the ``first`` one only, or ``none`` (the prompt is the user's text and claims nothing; tags are forced
-    from the first segment start the model writes). None = as ``force_at`` implies (segment: every, start: first,
+    wrote), the ``first`` one only, or ``none`` (the prompt is the user's text and claims nothing; with ``force_at:
+    segment`` tags are still forced from the first segment start after it). None = as ``force_at`` implies (segment: every, start: first,
     none: none). ``none`` is how a warning light reads a context: the model judges the prompt instead of being
     told it is good."""
     rules: list[Rule] = field(default_factory=list)
