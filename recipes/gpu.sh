@@ -5,8 +5,9 @@
 #   bash recipes/gpu.sh run           # on the device (one H200, no network): train, evaluate, pack results into $OUT
 #   bash recipes/gpu.sh toy           # the same run at toy scale on the CPU (what tests/test_recipe.py runs)
 #
-# The pack (.recipe/pack, ~23 MB) holds the inline-tagged fortunes for two tasks (profanity: <|bad|> before each
-# word scoring > 0.05 alone; negativity: > 0.5) and the BPE tokenizer trained here, so the device trains on exactly
+# The pack (.recipe/pack, ~30 MB) holds the inline-tagged fortunes for two tasks (profanity: <|bad|> before each
+# word scoring > 0.05 alone; negativity: > 0.5), fortunes with the human "offensive" label on every sentence (the
+# warning-light job, smol-offensive) and the BPE tokenizer trained here, so the device trains on exactly
 # the data and vocabulary measured on the CPU. The wheels (.whl, ~10 MB) are the pure-Python scorers and their
 # scikit-learn, for the device's Python 3.12.
 # device.run: command "bash recipes/gpu.sh run", carry [".recipe", ".whl"], timeout_s 600.
@@ -33,6 +34,7 @@ pack)
   $PY -m pretag inline "$tmp/tox-labeled" --out "$PACK/tox-inline05" --word-threshold 0.05
   $PY -m pretag label fortunes --schema recipes/negativity-schema.yaml --num-proc 2 --out "$tmp/neg-labeled"
   $PY -m pretag inline "$tmp/neg-labeled" --out "$PACK/neg-inline" --word-threshold 0.5
+  $PY -m pretag label fortunes --schema docs/results/warning/offensive-schema.yaml --num-proc 2 --out "$PACK/offensive"
   $PY - <<'PYEOF'
 from pretag.tokens import read_labeled, train_tokenizer
 from pretag.train import split_rows
