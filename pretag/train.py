@@ -547,6 +547,18 @@ def _trainer_class():
     return PretagTrainer
 
 
+def end_distributed() -> None:
+    """Tear down the process group a launched run (torchrun, accelerate launch) trained in, once its last training
+    is done: left to the interpreter's exit, gloo's threads can abort the process ("terminate called without an
+    active exception") after everything was saved, and the launcher then reports a failed rank. A no-op in one
+    process. Call it at the end of a script that calls :func:`train` under a launcher; ``pretag train`` does."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _mean_over_ranks(x):
     """The element-wise mean of a CPU tensor over the launched processes (itself in a single process)."""
     import torch

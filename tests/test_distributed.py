@@ -90,6 +90,7 @@ for job in json.loads(sys.argv[1]):
     rec = Path(job["out"], "ranks")
     rec.mkdir(exist_ok=True)
     (rec / f"{rank}.json").write_text(json.dumps({"train": seen, "params": params}))
+T.end_distributed()  # as `pretag train` does: a rank left to exit with gloo's threads running can abort
 '''
 
 

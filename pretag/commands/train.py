@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pretag.cli import UserError, print_json
-    from pretag.train import parse_sets, resolve_config, train
+    from pretag.train import end_distributed, parse_sets, resolve_config, train
 
     data = Path(args.data)
     if not (data / "schema.yaml").exists():
@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         res = train(cfg, data, args.out, overwrite=args.overwrite)
     except ValueError as e:
         raise UserError(str(e)) from None
+    end_distributed()
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, one process reports
         return 0
     summary = {"out": str(res.out), "method": cfg.method, "model": cfg.model, "steps": res.steps,
