@@ -417,6 +417,12 @@ def opening_prompts(schema, attr, rows: Sequence[dict], n: int, *, max_chars: in
     return bad[:k] + clean[:k], [1] * k + [0] * k
 
 
+EVAL_PROTOCOL = 2
+"""The version of what :func:`evaluate_model` measures, part of an experiment's evaluation cache key: bump it when a
+metric's definition changes, so cached evaluations made under the old one are measured again instead of sitting
+beside new ones in a table. 2: the warning light reads untagged openings and reports the first step."""
+
+
 def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n: int, max_new_tokens: int,
                    temperature: float = 1.0, batch_size: int = 16, seed: int = 0,
                    prompt_tags: str | None = "none") -> dict[str, dict]:

@@ -482,7 +482,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
 def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentConfig, reference: str | None,
               settings: dict[str, Any]) -> EvalResult:
     """Evaluate one run, or reuse its cached evaluation when the settings are unchanged."""
-    from pretag.evaluate import evaluate_model, model_identity
+    from pretag.evaluate import EVAL_PROTOCOL, evaluate_model, model_identity
     from pretag.schema import load_schema
 
     e = cfg.eval
@@ -494,7 +494,8 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
     # models by content, not path (evaluate.model_identity): a moved or copied experiment folder keeps its evaluations
     settings = {**settings, "model": model_identity(model_dir),
                 "reference": model_identity(reference) if reference else None,
-                "schema": hashlib.sha1((data / "schema.yaml").read_bytes()).hexdigest()[:16]}
+                "schema": hashlib.sha1((data / "schema.yaml").read_bytes()).hexdigest()[:16],
+                "protocol": EVAL_PROTOCOL}  # what the metrics mean: a redefined one is measured again
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("experiment_settings") == settings:

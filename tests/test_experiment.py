@@ -339,6 +339,27 @@ def test_another_policy_is_evaluated_again(tiny_copy, monkeypatch):
     assert all(pol == {"ban": ["bad"], "guide": {"bad": 3}} for _, pol in calls)
 
 
+def test_evaluations_of_an_older_protocol_are_measured_again(tiny_copy, monkeypatch):
+    """A cached evaluation made before a metric was redefined (evaluate.EVAL_PROTOCOL) is not reused: it would sit in
+    the table beside evaluations that measure something else under the same column."""
+    out, d = tiny_copy
+    from pretag import evaluate
+
+    monkeypatch.setattr("pretag.train.train", lambda *a, **k: pytest.fail("retrained an unchanged run"))
+    real, calls = evaluate.evaluate_model, []
+
+    def counting(model_dir, **kw):
+        calls.append(Path(model_dir).name)
+        return real(model_dir, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", counting)
+    ex.run_experiment(ex.config_from_dict(d), out)
+    assert calls == []  # the same protocol: every evaluation reused
+    monkeypatch.setattr(evaluate, "EVAL_PROTOCOL", evaluate.EVAL_PROTOCOL + 1)
+    ex.run_experiment(ex.config_from_dict(d), out)
+    assert {"mle", "conditional"} <= set(calls)
+
+
 def test_a_model_replaced_in_place_is_evaluated_again(tiny_run, tmp_path):
     import shutil
 
