@@ -234,8 +234,8 @@ class WarningLight:
     prompt_tags: str | None = None
     """How the openings were rendered (``none``: plain text, the model judges them)."""
 
-    _NEWER = ("auroc_lo", "auroc_hi", "auroc_first", "auroc_first_lo", "auroc_first_hi", "first_after_bad",
-              "first_after_clean", "prompt_tags")
+    _FIRST = ("auroc_first", "auroc_first_lo", "auroc_first_hi", "first_after_bad", "first_after_clean", "prompt_tags")
+    _NEWER = ("auroc_lo", "auroc_hi", *_FIRST)  # absent in older results
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "warning_light") -> WarningLight:
@@ -249,7 +249,7 @@ class WarningLight:
             out.update(mean_after_bad=self.mean_after_bad, mean_after_clean=self.mean_after_clean)
         if self.auroc_lo is not None:
             out.update(auroc_lo=self.auroc_lo, auroc_hi=self.auroc_hi)
-        out.update({k: getattr(self, k) for k in self._NEWER[2:] if getattr(self, k) is not None})
+        out.update({k: getattr(self, k) for k in self._FIRST if getattr(self, k) is not None})
         return out
 
 
