@@ -32,6 +32,9 @@ class ObjectiveConfig:
     """rwr/awr: temperature of the exponential weights exp(R/beta) / exp(A/beta)."""
     weight_clip: float = 1000.0
     """rwr/awr: upper clip of the token weights (the paper's clip_weight_max), so one token cannot dominate."""
+    tag_weight: float = 1.0
+    """conditional/conditional_ul: weight of a tag target's NLL (1 = the paper's Eq. 5). A tag is one target in
+    ~20, so its prediction, the model's own verdict that the monitor reads, gets a small share of the gradient."""
 
 
 @dataclass
@@ -86,6 +89,12 @@ def _nll(tb: TokenBatch, select: Tensor | None = None) -> Tensor:
     return -(tb.logp * m).sum() / m.sum().clamp(min=1.0)
 
 
+def _tagged_nll_sum(tb: TokenBatch, cfg: ObjectiveConfig) -> Tensor:
+    """-Σ_i w_i log π(x_i | x_<i) with w = ``cfg.tag_weight`` on tag targets and 1 on text (Eq. 5 when w = 1)."""
+    w = tb.mask if cfg.tag_weight == 1.0 else tb.mask * torch.where(tb.is_tag, cfg.tag_weight, 1.0)
+    return -(tb.logp * w).sum()
+
+
 def mle(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
     """Maximum likelihood, the control (paper Eq. 3): L = -Σ_i log π(x_i | x_<i)."""
     loss = _nll(tb)
@@ -105,10 +114,11 @@ def conditional(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str,
     """Conditional training (paper Eq. 5): MLE over text with control tags, L = -Σ_i log π(c_i, x_i | ...).
 
     Tags are ordinary targets here: the model learns p(tag | prefix) as well as p(text | tag), which is what lets
-    generation condition on <|good|> and lets the monitor read the "temptation" p(<|bad|>).
+    generation condition on <|good|> and lets the monitor read the "temptation" p(<|bad|>). ``cfg.tag_weight``
+    (ours) scales the tag targets' terms; the mean is still over the counted tokens, so text keeps its scale.
     """
-    loss = _nll(tb)
-    return loss, {"nll": loss.item(), "nll_text": _nll(tb, ~tb.is_tag).item(), "nll_tag": _nll(tb, tb.is_tag).item()}
+    loss = _tagged_nll_sum(tb, cfg) / tb.n
+    return loss, {"nll": _nll(tb).item(), "nll_text": _nll(tb, ~tb.is_tag).item(), "nll_tag": _nll(tb, tb.is_tag).item()}
 
 
 def unlikelihood(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
@@ -143,7 +153,7 @@ def conditional_ul(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[Tensor, dict[s
     """
     if tb.cf_logp is None:
         raise ValueError("conditional_ul needs the counterfactual log-probabilities (TokenBatch.cf_logp is None)")
-    nll_sum = -(tb.logp * tb.mask).sum()
+    nll_sum = _tagged_nll_sum(tb, cfg)
     badm = tb.mask * (tb.bad & ~tb.is_tag).float()
     ul_sum = -(_log1mp(tb.cf_logp) * badm).sum()
     loss = (nll_sum + cfg.alpha * ul_sum) / tb.n

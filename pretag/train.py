@@ -106,6 +106,10 @@ class TrainConfig:
     """rwr/awr temperature of exp(R / beta); ``auto``: the standard deviation of the per-token reward in the
     training data, so the weights do not depend on the reward's units (a grade level, a violation rate)."""
     weight_clip: float = 1000.0
+    tag_weight: float = 1.0
+    """conditional/conditional_ul: weight of the loss on tag targets (1 = the paper). Upweighting teaches the
+    model's verdict p(tag | prefix), which the temptation monitor reads, faster than the ~1-in-20 share of targets
+    that tags are; text tokens keep weight 1."""
     lora: bool = False
     """Train LoRA adapters (peft) on a pretrained model; the model dir holds the adapter and the tag rows (a few MB),
     rebuilt over the base by ``pretag.models.load_model_dir``; ``pretag.models.export_merged`` writes a full copy."""
@@ -121,7 +125,8 @@ class TrainConfig:
     """Where the values came from, in order (filled in by resolve_config; informational)."""
 
     def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(alpha=self.alpha, beta=self.beta, weight_clip=self.weight_clip)
+        return ObjectiveConfig(alpha=self.alpha, beta=self.beta, weight_clip=self.weight_clip,
+                               tag_weight=self.tag_weight)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,6 +280,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"beta must be > 0 or 'auto', got {cfg.beta!r}")
     if cfg.weight_clip <= 0:
         p.append(f"weight_clip must be > 0, got {cfg.weight_clip}")
+    if cfg.tag_weight <= 0:
+        p.append(f"tag_weight must be > 0, got {cfg.tag_weight}")
     if cfg.precision not in ("bf16", "fp16", "fp32"):
         p.append(f"precision must be bf16, fp16 or fp32, got {cfg.precision!r}")
     if cfg.device not in ("auto", "cpu"):
@@ -291,6 +298,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     for knob in ("tag_dropout", "untagged_openings"):
         if getattr(cfg, knob) > 0 and cfg.method not in USES_TAGS:
             logger.warning("%s is ignored by %s (only %s puts tags in the text)", knob, cfg.method, sorted(USES_TAGS))
+    if cfg.tag_weight != 1.0 and cfg.method not in USES_TAGS:
+        logger.warning("tag_weight is ignored by %s (only %s puts tags in the text)", cfg.method, sorted(USES_TAGS))
     return p
 
 

@@ -71,6 +71,22 @@ def test_conditional_counts_tags_and_text_and_splits_the_logs():
     assert text_nll(shift(logits_for(a), b)).item() == pytest.approx(LOG2, rel=1e-5)
 
 
+def test_tag_weight_scales_only_the_tag_targets_and_reaches_the_gradient():
+    b = batch([0, 1, 0, 1], is_tag=[False, True, False, False])
+    a = torch.tensor([2.0, 0.0, 0.0, 0.0], requires_grad=True)
+    tag_nll = -math.log(1 - sig(2.0))
+    for objective in (conditional, conditional_ul):
+        lg = torch.stack([a, torch.zeros(4)], -1).unsqueeze(0)
+        tb = shift(lg, b, cf_logits=lg.detach())  # no bad text: conditional_ul's UL term is 0
+        loss, logs = objective(tb, ObjectiveConfig(tag_weight=5.0))
+        assert loss.item() == pytest.approx((5.0 * tag_nll + 2 * LOG2) / 3, rel=1e-5)  # still a mean over 3 targets
+        assert logs["nll_tag"] == pytest.approx(tag_nll, rel=1e-5)  # the logs report the unweighted NLL
+        (g,) = torch.autograd.grad(loss, a)
+        # d/da0 of -log(1 - sigmoid(a0)) = sigmoid(a0); only position 0 predicts the tag, weighted 5/3
+        assert g[0].item() == pytest.approx(5.0 * sig(2.0) / 3, rel=1e-5)
+        assert g[1].item() == pytest.approx(-(1 - sig(0.0)) / 3, rel=1e-5)  # text (token 0) at weight 1
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.01])
 def test_unlikelihood_closed_form(alpha):
     # targets: token1 (good, p=1-sigmoid(a0)), token0 (bad, p=sigmoid(a1)), token0 (bad, p=sigmoid(a2))

@@ -86,9 +86,11 @@ def test_user_config_file_and_methods_section(tmp_path):
 
 def test_config_problems_are_all_reported_at_once(tmp_path):
     with pytest.raises(ValueError) as e:
-        resolve_config("awr", sets={"alpha": 2, "beta": 0, "nope": 1, "tokens": "many", "precision": "fp8"})
+        resolve_config("awr", sets={"alpha": 2, "beta": 0, "nope": 1, "tokens": "many", "precision": "fp8",
+                                    "tag_weight": 0})
     msg = str(e.value)
-    for needle in ("alpha", "beta must be > 0", "unknown key 'nope'", "tokens must be int", "precision"):
+    for needle in ("alpha", "beta must be > 0", "unknown key 'nope'", "tokens must be int", "precision",
+                   "tag_weight must be > 0"):
         assert needle in msg
     with pytest.raises(ValueError, match="unknown method"):
         resolve_config("dpo")
