@@ -399,22 +399,24 @@ class TagVocab:
     def prompt_ids(self, prompt: str, start_tags: dict[str, str] | None, *, every_segment: bool = False
                    ) -> list[int]:
         """A prompt's ids as training rendered documents: the document start, then ``start_tags`` (attribute name ->
-        tag) as a document that begins with ``prompt``. Prefix schemas cut the prompt into segments (the schema's
-        segmenter) and tag the first one, or ``every_segment``; span schemas open their spans once, before the
-        whole prompt, and leave them open. ``start_tags=None``: no tags, the prompt as one text piece."""
+        tag) as a document that begins with ``prompt``. Prefix schemas tag the prompt's first segment (the schema's
+        segmenter), or ``every_segment``; span schemas open their spans once, before the whole prompt, and leave
+        them open. ``start_tags=None``: no tags. Either way each segment is its own text piece, as in training, where
+        a segment boundary is always a piece boundary: encoded in one piece, ``"foo.  " + "It"`` would come out as
+        ``" " + " It"`` where training only ever showed ``"  " + "It"``."""
         from pretag.segment import segment
 
         start = [] if (first := self.start_id) is None else [first]
-        if start_tags is None:
-            return start + self.encode(prompt)
         schema = self.schema
-        if schema.render == "span":
-            segs = [prompt]
-        else:
-            segs = segment(prompt, schema.segmenter)
+        segs = segment(prompt, schema.segmenter)
+        if start_tags is None:
+            return start + self.render(segs, {}).ids
+        if schema.render == "span" and not segs:
+            segs = [""]  # an empty prompt still opens its spans
         tags = {a.name: [start_tags[a.name]] for a in schema.document_attributes}
         for a in schema.segment_attributes:
-            tags[a.name] = [start_tags[a.name] if i == 0 or every_segment else None for i in range(len(segs))]
+            first_only = schema.render == "prefix" and not every_segment
+            tags[a.name] = [start_tags[a.name] if i == 0 or not first_only else None for i in range(len(segs))]
         return start + self.render(segs, tags, close=False).ids
 
 

@@ -13,7 +13,9 @@ import pytest  # noqa: E402
 
 from pretag.schema import schema_from_dict  # noqa: E402
 from pretag.tokens import (  # noqa: E402
+    TagVocab,
     document_misaligned,
+    encode_documents,
     encode_text,
     pack,
     read_labeled,
@@ -179,6 +181,25 @@ def test_tag_dropout_leaves_a_fraction_untagged(tok, toy):
     assert full == n_seg
     assert 0.15 * n_seg < full - dropped < 0.35 * n_seg
     assert pack(tok, toy, rows, 64, tags=True, tag_dropout=1.0).is_tag.sum() == 0
+
+
+def test_a_prompt_is_encoded_segment_by_segment_as_training_encodes_documents(toy):
+    """Training encodes each segment as its own text piece, so a sentence boundary is a token boundary there. A
+    prompt encoded in one piece would merge across it ("sat. " + "What" -> "." + " What"): text the model never saw."""
+    from pretag.segment import segment
+
+    text = "The cat sat. What a thing! Hello there.  It is me.\n\t\t-- Bob\n"
+    tok = train_tokenizer([text * 40], toy, vocab_size=400, min_frequency=1)
+    vocab = TagVocab(tok, toy)
+    segs = segment(text, toy.segmenter)
+    assert len(segs) >= 4 and vocab.encode(text) != [t for s in segs for t in vocab.encode(s)]  # the test can fail
+    r = row(toy, segs, {"tox": [0.0] * len(segs)})
+    eos = tok.eos_token_id
+    plain = encode_documents(tok, toy, [r], tags=False)[0].tolist()  # an MLE document: text pieces, then EOS
+    assert vocab.prompt_ids(text, None) == [eos] + plain[:-1]
+    tagged = encode_documents(tok, toy, [r], tags=True)[0].tolist()  # every segment tagged good
+    good = {"tox": toy.attributes[0].tags["good"]}
+    assert vocab.prompt_ids(text, good, every_segment=True) == [eos] + tagged[:-1]
 
 
 def test_untagged_openings_leave_a_documents_first_segments_untagged(tok, toy):

@@ -40,13 +40,14 @@ def direct_prompt_ids(tok, schema, prompt, start_tags, every_segment):
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     ids = [start]
     enc = lambda t: encode_text(tok, t) if t else []  # noqa: E731
+    segs = segment(prompt, schema.segmenter)  # one text piece per segment, as training encodes them
     if start_tags is None:
-        return ids + enc(prompt)
+        return ids + [t for s in segs for t in enc(s)]
     ids += [tid(schema.open_token(start_tags[a.name])) for a in schema.document_attributes]
     seg_tags = [tid(schema.open_token(start_tags[a.name])) for a in schema.segment_attributes]
     if schema.render == "span":
-        return ids + seg_tags + enc(prompt)
-    for i, s in enumerate(segment(prompt, schema.segmenter)):
+        return ids + seg_tags + [t for s in segs for t in enc(s)]
+    for i, s in enumerate(segs):
         if i == 0 or every_segment:
             ids += seg_tags
         ids += enc(s)
