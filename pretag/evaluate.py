@@ -400,12 +400,16 @@ def temptation_warning(schema, samples: Sequence[Sample], labeled: Sequence) -> 
 def opening_prompts(schema, attr, rows: Sequence[dict], n: int, *, max_chars: int = 160
                     ) -> tuple[list[str], list[int]]:
     """Up to ``n`` held-out openings whose first segments hold a bad one (by the attribute's natural threshold) and
-    as many whose first segments are all clean: (prompts, labels 1 = bad opening). Balanced, deterministic."""
+    as many whose first segments are all clean: (prompts, labels 1 = bad opening). Balanced, deterministic.
+
+    An opening is a document's first segments, never the whole document: at least one segment must follow it. After
+    a complete document training put EOS, never a tag, so the tag probability there is not the model's verdict (73 %
+    of the fortunes' openings were whole documents before this rule)."""
     bad, clean = [], []
     for r in rows:
         segs, scores = list(r["segments"]), list(r.get(f"score__{attr.name}") or [])
         p, verdicts = "", []
-        for s, sc in zip(segs, scores):
+        for s, sc in zip(segs[:-1], scores):  # the last segment is never part of an opening
             if p and len(p) + len(s) > max_chars:
                 break
             p += s
@@ -417,10 +421,11 @@ def opening_prompts(schema, attr, rows: Sequence[dict], n: int, *, max_chars: in
     return bad[:k] + clean[:k], [1] * k + [0] * k
 
 
-EVAL_PROTOCOL = 2
+EVAL_PROTOCOL = 3
 """The version of what :func:`evaluate_model` measures, part of an experiment's evaluation cache key: bump it when a
 metric's definition changes, so cached evaluations made under the old one are measured again instead of sitting
-beside new ones in a table. 2: the warning light reads untagged openings and reports the first step."""
+beside new ones in a table. 2: the warning light reads untagged openings and reports the first step. 3: its
+openings are encoded segment by segment (as training encodes text) and never a whole document."""
 
 
 def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n: int, max_new_tokens: int,

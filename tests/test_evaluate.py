@@ -424,6 +424,12 @@ def test_opening_prompts_are_balanced_and_judged_by_the_natural_threshold():
     assert prompts == ["Opening 0. ", "Opening 2. ", "Opening 1. ", "Opening 3. "]  # the long tail is cut off
     # 0.1 is tagged bad for training (tag_threshold 0.05) but is a clean opening for evaluation
     assert schema.attributes[0].tagged_bad(0.1) and not schema.attributes[0].is_bad(0.1)
+    # an opening is never a whole document: a short document's last segment stays out, a one-segment one is skipped
+    short = [{"id": "a", "segments": ["Bad one. ", "Bad two. ", "end."], "score__x": [0.9, 0.1, 0.1]},
+             {"id": "b", "segments": ["Clean. "], "score__x": [0.1]},
+             {"id": "c", "segments": ["Clean. ", "More. "], "score__x": [0.1, 0.9]}]
+    prompts, labels = ev.opening_prompts(schema, schema.attributes[0], short, n=5)
+    assert (prompts, labels) == (["Bad one. Bad two. ", "Clean. "], [1, 0])  # c's bad segment is its continuation
 
 
 def test_prompt_warning_reads_the_bad_tags_temptation_after_untagged_openings(monkeypatch):
