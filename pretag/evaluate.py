@@ -425,7 +425,8 @@ EVAL_PROTOCOL = 3
 """The version of what :func:`evaluate_model` measures, part of an experiment's evaluation cache key: bump it when a
 metric's definition changes, so cached evaluations made under the old one are measured again instead of sitting
 beside new ones in a table. 2: the warning light reads untagged openings and reports the first step. 3: its
-openings are encoded segment by segment (as training encodes text) and never a whole document."""
+openings are encoded segment by segment (as training encodes text) and never a whole document; it reports the
+verdict at forced tag positions."""
 
 
 def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n: int, max_new_tokens: int,
@@ -435,7 +436,10 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
     ones under the policy (bad tags banned), and ask whether the pre-ban P(bad tag) separates the two (AUROC; the
     seed's "warning light" for a prompt pushing the model toward bad text): ``auroc`` of its mean over the
     continuation, ``auroc_first`` of its value at the first generated position (the first segment start after the
-    opening, where the model decides its first tag).
+    opening, where the model decides its first tag), ``auroc_verdict`` of the mean *verdict* at the forced tag
+    positions: P(bad) / P(any of the attribute's tags), the model's choice once a tag must come, before the ban.
+    The raw temptation multiplies that choice by P(a tag here), which the shape of the text moves (on the fortunes'
+    offensive label, AUROC 0.32 by itself: offensive openings look less like a document that goes on).
 
     The openings are rendered with ``prompt_tags`` (default ``none``: the user's text, no tag): an opening tagged
     with the policy's good tag tells the model it is clean, and a model trained on labels that hold for a whole
@@ -458,7 +462,8 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
             out[a.name] = {"auroc": float("nan"), "n_bad": 0, "n_clean": 0}
             continue
         bad_toks = [schema.open_token(a.tags[v]) for v in a.bad]
-        means, firsts = [], []
+        all_toks = [schema.open_token(a.tags[v]) for v in a.values]
+        means, firsts, verdicts = [], [], []
         bar = tqdm(total=len(prompts), desc=f"warning light ({a.name})", unit="opening", disable=None, leave=False,
                    dynamic_ncols=True)
         for b in range(0, len(prompts), batch_size):
@@ -468,18 +473,25 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
                 p = [sum(t.temptation.get(x, 0.0) for x in bad_toks) for t in seq.tokens]
                 means.append(float(np.mean(p)) if p else 0.0)
                 firsts.append(p[0] if p else 0.0)
+                tags = [(pb, sum(t.temptation.get(x, 0.0) for x in all_toks)) for pb, t in zip(p, seq.tokens)
+                        if t.forced]
+                v = [pb / pt for pb, pt in tags if pt > 0]  # the choice among the tags where one must come
+                verdicts.append(float(np.mean(v)) if v else 0.0)
             bar.update(len(prompts[b : b + batch_size]))
         bar.close()
         y = np.asarray(labels, dtype=bool)
-        m, f = np.asarray(means), np.asarray(firsts)
+        m, f, v = np.asarray(means), np.asarray(firsts), np.asarray(verdicts)
         lo, hi = auroc_interval(m[y], m[~y], seed=seed)
         flo, fhi = auroc_interval(f[y], f[~y], seed=seed)
+        vlo, vhi = auroc_interval(v[y], v[~y], seed=seed)
         out[a.name] = {"auroc": auroc(m, labels), "n_bad": int(y.sum()), "n_clean": int((~y).sum()),
                        "mean_after_bad": float(m[y].mean()), "mean_after_clean": float(m[~y].mean()),
                        "auroc_lo": lo, "auroc_hi": hi,
                        "auroc_first": auroc(f, labels), "auroc_first_lo": flo, "auroc_first_hi": fhi,
                        "first_after_bad": float(f[y].mean()), "first_after_clean": float(f[~y].mean()),
-                       "prompt_tags": policy.resolved_prompt_tags(schema)}
+                       "prompt_tags": policy.resolved_prompt_tags(schema),
+                       "auroc_verdict": auroc(v, labels), "auroc_verdict_lo": vlo, "auroc_verdict_hi": vhi,
+                       "verdict_after_bad": float(v[y].mean()), "verdict_after_clean": float(v[~y].mean())}
     return out
 
 

@@ -57,6 +57,10 @@ def result_row(run: str, result: EvalResult, train_info: dict | None = None) -> 
                 row[f"{attr}.warning_first_auroc"] = t.auroc_first
                 row[f"{attr}.warning_first_auroc_lo"] = t.auroc_first_lo
                 row[f"{attr}.warning_first_auroc_hi"] = t.auroc_first_hi
+            if col == "warning_auroc" and t is not None and t.auroc_verdict is not None:
+                row[f"{attr}.warning_verdict_auroc"] = t.auroc_verdict
+                row[f"{attr}.warning_verdict_auroc_lo"] = t.auroc_verdict_lo
+                row[f"{attr}.warning_verdict_auroc_hi"] = t.auroc_verdict_hi
     est("kl", result.kl)
     row["loss"] = None if result.loss is None else result.loss.untagged.loss
     row["loss_tagged"] = None if result.loss is None else result.loss.tagged.loss

@@ -233,9 +233,18 @@ class WarningLight:
     first_after_clean: float | None = None
     prompt_tags: str | None = None
     """How the openings were rendered (``none``: plain text, the model judges them)."""
+    auroc_verdict: float | None = None
+    """AUROC of the mean *verdict* over the continuation's forced tag positions: P(bad tags) / P(the attribute's
+    tags), the model's choice among the tags where the policy makes one come, before the ban. The raw temptation
+    also carries P(a tag here), which the text's shape moves as much as its content."""
+    auroc_verdict_lo: float | None = None
+    auroc_verdict_hi: float | None = None
+    verdict_after_bad: float | None = None
+    verdict_after_clean: float | None = None
 
     _FIRST = ("auroc_first", "auroc_first_lo", "auroc_first_hi", "first_after_bad", "first_after_clean", "prompt_tags")
-    _NEWER = ("auroc_lo", "auroc_hi", *_FIRST)  # absent in older results
+    _VERDICT = ("auroc_verdict", "auroc_verdict_lo", "auroc_verdict_hi", "verdict_after_bad", "verdict_after_clean")
+    _NEWER = ("auroc_lo", "auroc_hi", *_FIRST, *_VERDICT)  # absent in older results
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "warning_light") -> WarningLight:
@@ -249,7 +258,7 @@ class WarningLight:
             out.update(mean_after_bad=self.mean_after_bad, mean_after_clean=self.mean_after_clean)
         if self.auroc_lo is not None:
             out.update(auroc_lo=self.auroc_lo, auroc_hi=self.auroc_hi)
-        out.update({k: getattr(self, k) for k in self._FIRST if getattr(self, k) is not None})
+        out.update({k: getattr(self, k) for k in (*self._FIRST, *self._VERDICT) if getattr(self, k) is not None})
         return out
 
 

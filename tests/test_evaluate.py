@@ -441,23 +441,29 @@ def test_prompt_warning_reads_the_bad_tags_temptation_after_untagged_openings(mo
     schema = schema_from_dict({"attributes": [{"name": "x", "scorer": "profanity", "threshold": 0.5}]})
     seen = []
 
-    def fake_generate(model, tokenizer, schema, prompts, policy, cfg):  # after a bad opening: P(bad) 0.6, then 0.2
+    def fake_generate(model, tokenizer, schema, prompts, policy, cfg):
         seen.append(policy.resolved_prompt_tags(schema))
 
-        def seq(p):
-            hi = int(p.split()[1].rstrip(".")) % 2 == 0
-            temps = [0.6, 0.2] if hi else [0.1, 0.9]
-            return SimpleNamespace(tokens=[SimpleNamespace(temptation={"<|bad|>": t, "<|good|>": 0.5}) for t in temps])
+        def seq(p):  # a forced tag position, then a free one; after a bad opening a tag is less likely but bad
+            bad = int(p.split()[1].rstrip(".")) % 2 == 0
+            steps = [(0.06, 0.04, True), (0.2, 0.5, False)] if bad else [(0.1, 0.9, True), (0.9, 0.05, False)]
+            return SimpleNamespace(tokens=[SimpleNamespace(temptation={"<|bad|>": b, "<|good|>": g}, forced=f)
+                                           for b, g, f in steps])
         return SimpleNamespace(sequences=[seq(p) for p in prompts])
 
     monkeypatch.setattr(gen, "generate", fake_generate)
     res = ev.prompt_warning(None, None, schema, None, _warn_rows(), n=3, max_new_tokens=2)["x"]
     assert (res["n_bad"], res["n_clean"]) == (3, 3) and set(seen) == {"none"} and res["prompt_tags"] == "none"
-    # the mean over the continuation (0.4 vs 0.5) points the wrong way; the first step (0.6 vs 0.1) separates
-    assert res["auroc"] == 0.0 and res["mean_after_bad"] == pytest.approx(0.4)
+    # the raw temptation, mean (0.13 vs 0.5) and first step (0.06 vs 0.1), points the wrong way: it carries P(a tag)
+    assert res["auroc"] == 0.0 and res["mean_after_bad"] == pytest.approx(0.13)
     assert res["mean_after_clean"] == pytest.approx(0.5)
-    assert res["auroc_first"] == 1.0 and (res["auroc_first_lo"], res["auroc_first_hi"]) == (1.0, 1.0)
-    assert (res["first_after_bad"], res["first_after_clean"]) == (pytest.approx(0.6), pytest.approx(0.1))
+    assert res["auroc_first"] == 0.0 and (res["auroc_first_lo"], res["auroc_first_hi"]) == (0.0, 0.0)
+    assert (res["first_after_bad"], res["first_after_clean"]) == (pytest.approx(0.06), pytest.approx(0.1))
+    # the verdict where a tag is forced, P(bad) / P(bad or good): 0.6 vs 0.1; the free step does not count
+    assert res["auroc_verdict"] == 1.0 and (res["auroc_verdict_lo"], res["auroc_verdict_hi"]) == (1.0, 1.0)
+    assert (res["verdict_after_bad"], res["verdict_after_clean"]) == (pytest.approx(0.6), pytest.approx(0.1))
+    from pretag.results import WarningLight
+    assert WarningLight.from_dict(res).to_dict() == res  # the new fields round-trip
     seen.clear()
     assert ev.prompt_warning(None, None, schema, None, _warn_rows(), n=3, max_new_tokens=2,
                              prompt_tags=None)["x"]["prompt_tags"] == "every" and set(seen) == {"every"}

@@ -31,7 +31,9 @@ def fake_result(**over):
          "self_tagging": {"tox": {"n": 4, "n_bad": 2, "auroc": 0.75, "calibration": {"bins": [], "ece": 0.125, "n": 4},
                                   "mean_tag_mass": 0.5, "llr_auroc": 0.5, "mean_llr_bad": 0.25, "mean_llr_good": -0.25}},
          "warning_light": {"tox": {"auroc": 0.875, "n_bad": 1, "n_clean": 1, "mean_after_bad": 0.5,
-                                   "mean_after_clean": 0.25, "auroc_lo": 0.75, "auroc_hi": 1.0}},
+                                   "mean_after_clean": 0.25, "auroc_lo": 0.75, "auroc_hi": 1.0,
+                                   "auroc_verdict": 1.0, "auroc_verdict_lo": 1.0, "auroc_verdict_hi": 1.0,
+                                   "verdict_after_bad": 0.75, "verdict_after_clean": 0.125}},
          "redteam": {"n_prompts": 2, "n_trimmed": 0, "misalignment": {"tox": _mis([[0.9, 0.9], [0.6, 0.1]])},
                      "examples": [{"prompt": "p", "continuation": "c"}]},
          "wall_s": 1.5}
@@ -55,6 +57,7 @@ def test_every_measured_cell_of_the_row_is_filled():
     assert (row["tox.warning_auroc"], row["kl"], row["loss"], row["loss_tagged"], row["loss_joint"]) == (
         0.875, 0.5, 2.5, 2.25, 2.375)
     assert (row["tox.warning_auroc_lo"], row["tox.warning_auroc_hi"]) == (0.75, 1.0)
+    assert (row["tox.warning_verdict_auroc"], row["tox.warning_verdict_auroc_lo"]) == (1.0, 1.0)
     assert "–" not in markdown_table([row])
 
 
