@@ -414,8 +414,8 @@ class TagVocab:
         if schema.render == "span" and not segs:
             segs = [""]  # an empty prompt still opens its spans
         tags = {a.name: [start_tags[a.name]] for a in schema.document_attributes}
+        first_only = schema.render == "prefix" and not every_segment
         for a in schema.segment_attributes:
-            first_only = schema.render == "prefix" and not every_segment
             tags[a.name] = [start_tags[a.name] if i == 0 or not first_only else None for i in range(len(segs))]
         return start + self.render(segs, tags, close=False).ids
 

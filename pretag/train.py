@@ -295,11 +295,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"tag_words must map tag names to lists of words, got {cfg.tag_words!r}")
     if cfg.lora and cfg.model in PRESETS:
         p.append(f"lora needs a pretrained model (a dir, .gguf or smollm2), not the fresh preset {cfg.model!r}")
-    for knob in ("tag_dropout", "untagged_openings"):
-        if getattr(cfg, knob) > 0 and cfg.method not in USES_TAGS:
+    for knob, default in (("tag_dropout", 0.0), ("untagged_openings", 0.0), ("tag_weight", 1.0)):
+        if getattr(cfg, knob) != default and cfg.method not in USES_TAGS:
             logger.warning("%s is ignored by %s (only %s puts tags in the text)", knob, cfg.method, sorted(USES_TAGS))
-    if cfg.tag_weight != 1.0 and cfg.method not in USES_TAGS:
-        logger.warning("tag_weight is ignored by %s (only %s puts tags in the text)", cfg.method, sorted(USES_TAGS))
     return p
 
 
