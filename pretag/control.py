@@ -98,7 +98,10 @@ class RuleTable:
     """A policy's rules as tensors, one column per rule (``R`` of them)."""
 
     watch: Any             # (R,) long: the slot each rule watches (0 when it watches none)
-    above: Any             # (R,) float32: the temptation threshold (every path compares in float32)
+    above: Any             # (R,) float32: the threshold (every path compares in float32)
+    reads: Any             # (R,) long: a verdict rule's attribute group, read where it is pending (-1: a temptation
+                           # rule, read at every step); None if no rule reads the verdict
+    denom: Any             # (S, R) float: 1 on the tag slots of a verdict rule's attribute; None as ``reads``
     nowatch: Any           # (R,) bool: the rule watches nothing (its condition always holds); None if every rule does
     k: Any                 # (R,) long: consecutive steps needed
     after: Any             # (R,) long: first step it may fire at; None if no rule has one
@@ -106,8 +109,8 @@ class RuleTable:
     switch: Any            # (R,) long: the policy a ``switch`` rule selects (index into ``Plan.policies``; -1: none)
     stop_cols: tuple[int, ...]  # the ``stop`` rules
     bits: Any              # (R,) long: 2^j for the j-th ban/switch rule (they select the compiled state), else 0
-    host: tuple[tuple[int, float, bool, int, int], ...]  # per rule (watch, above, watches nothing, k, after) as
-    host_bits: tuple[int, ...]                           # Python scalars, and bits: for one row on the CPU
+    host: tuple[tuple[int, float, bool, int, int, int], ...]  # per rule (watch, above, watches nothing, k, after,
+    host_bits: tuple[int, ...]                                # reads) as Python scalars, and bits: one CPU row
 
 
 @dataclass(frozen=True)
@@ -268,12 +271,22 @@ def _rule_table(schema: Schema, policies: list[TagPolicy], slots: list[str], dev
     targets = iter(range(1, len(policies)))
     switch = [next(targets) if r.action == "switch" else -1 for r in rules]
     state_rules = [i for i, r in enumerate(rules) if r.action in ("ban", "switch")]
+    order = _order(schema)
+    reads = [next(g for g, a in enumerate(order) if a.name == schema.attribute_of_tag(r.watch)[0].name)
+             if r.reading == "verdict" else -1 for r in rules]
+    denom = torch.zeros(len(slots), R)
+    for i, r in enumerate(rules):
+        if reads[i] >= 0:
+            for t in order[reads[i]].tags.values():
+                denom[col(t), i] = 1.0
     bits = [0] * R
     for j, i in enumerate(state_rules):
         bits[i] = 2 ** j
     return RuleTable(
         watch=torch.tensor([col(r.watch) if r.watch else 0 for r in rules], dtype=torch.long, device=device),
         above=torch.tensor([float(r.above or 0.0) for r in rules], device=device),
+        reads=torch.tensor(reads, dtype=torch.long, device=device) if any(g >= 0 for g in reads) else None,
+        denom=denom.to(device) if any(g >= 0 for g in reads) else None,
         nowatch=(torch.tensor([r.watch is None for r in rules], device=device)
                  if any(r.watch is None for r in rules) else None),
         k=torch.tensor([r.consecutive for r in rules], dtype=torch.long, device=device),
@@ -285,7 +298,7 @@ def _rule_table(schema: Schema, policies: list[TagPolicy], slots: list[str], dev
         bits=torch.tensor(bits, dtype=torch.long, device=device),
         # thresholds as the float32 values the tensor paths compare against, so every path fires on the same step
         host=tuple((col(r.watch) if r.watch else 0, float(torch.tensor(float(r.above or 0.0))), r.watch is None,
-                    r.consecutive, r.after or 0) for r in rules),
+                    r.consecutive, r.after or 0, g) for r, g in zip(rules, reads)),
         host_bits=tuple(bits),
     )
 
@@ -432,16 +445,19 @@ def action_codes(allowed, bias):
 
 
 # ---- rule state: the one place rules count and latch -------------------------------------------------------------
-def advance(count, latched, held, k, ready):
+def advance(count, latched, held, k, ready, read=True):
     """The rules' semantics, written once: ``(count, latched, fired)`` after one step.
 
-    ``held``: the rule's condition held at this step (it watches nothing, or its tag's temptation is above its
-    threshold); ``count`` steps in a row it held; ``ready``: the step is at or past the rule's ``after``. A rule fires
-    at the first step where it held ``k`` steps in a row and is ready, then stays fired (latched). Works alike on
-    (B, R) tensors and on one rule's Python scalars (the one-row path, where each tensor op would cost ~3 us).
+    ``held``: the rule's condition held at this step (it watches nothing, or its reading is above its threshold);
+    ``count`` steps in a row it held; ``ready``: the step is at or past the rule's ``after``; ``read``: the rule is
+    read at this step (a verdict rule only where its attribute's tag is pending; a step it is not read at leaves
+    ``count`` as it was). A rule fires at the first step where it held ``k`` steps in a row, is read and is ready,
+    then stays fired (latched). Works alike on (B, R) tensors and on one rule's Python scalars (the one-row path,
+    where each tensor op would cost ~3 us).
     """
-    count = (count + 1) * held                                                       # consecutive steps, 0 when not
-    now = latched | ((count >= k) & ready)
+    new = (count + 1) * held                                                         # consecutive steps, 0 when not
+    count = new if read is True else new * read + count * (read ^ True)
+    now = latched | ((count >= k) & ready & read)
     return count, now, now ^ latched                                                 # fires once, then latches
 
 
@@ -465,26 +481,45 @@ class RuleState:
             self.count = torch.zeros(batch, R, dtype=torch.long, device=device)
             self.latched = torch.zeros(batch, R, dtype=torch.bool, device=device)
 
-    def step(self, temptation, step: int):
-        """Advance by one step given the (B, S) temptation; return the (B, R) rules that fired at it."""
+    def step(self, temptation, step: int, group=None):
+        """Advance by one step given the (B, S) temptation and, when a rule reads the verdict, the (B,) attribute
+        group the text asks for (-1: none; an int on the host); return the (B, R) rules that fired at it."""
         r = self.rules
         if self.host:
             t = temptation[0].tolist()
+            # verdicts with the tensor paths' float32 arithmetic, so every path fires on the same step
+            v = self._verdicts(temptation)[0].tolist() if r.reads is not None else None
             fired = []
-            for j, (w, above, nowatch, k, after) in enumerate(r.host):
-                self.count[j], self.latched[j], f = advance(self.count[j], self.latched[j],
-                                                            nowatch or t[w] > above, k, step >= after)
+            for j, (w, above, nowatch, k, after, g) in enumerate(r.host):
+                if g < 0:
+                    held, read = nowatch or t[w] > above, True
+                else:
+                    held, read = v[j] > above, group == g
+                self.count[j], self.latched[j], f = advance(self.count[j], self.latched[j], held, k, step >= after,
+                                                            read)
                 fired.append(f)
             key = tuple(fired)
             if key not in self._fired:
                 self._fired[key] = self._bool[0].new_tensor([key])
             return self._fired[key]
-        held = temptation.index_select(1, r.watch) > r.above                         # (B, R)
+        import torch
+
+        value, read = temptation.index_select(1, r.watch), True                     # (B, R)
+        if r.reads is not None:
+            verdict = r.reads >= 0
+            value = torch.where(verdict, self._verdicts(temptation), value)
+            read = ~verdict | (group[:, None] == r.reads)
+        held = value > r.above
         if r.nowatch is not None:
             held = held | r.nowatch
         self.count, self.latched, fired = advance(self.count, self.latched, held, r.k,
-                                                  True if r.after is None else r.after <= step)
+                                                  True if r.after is None else r.after <= step, read)
         return fired
+
+    def _verdicts(self, temptation):
+        """(B, R): each rule's watched temptation over its attribute's (0 / 0 = NaN holds nowhere)."""
+        r = self.rules
+        return temptation.index_select(1, r.watch) / (temptation.float() @ r.denom).to(temptation.dtype)
 
     def stopped(self):
         """(B,) bool: a ``stop`` rule has fired; None without stop rules. Never a tensor it writes to later."""
@@ -589,6 +624,9 @@ class TagProcessor(LogitsProcessor):
                              f"schema {schema.name!r}?")
         # the main policy and every switch target; which one a row applies is this processor's state, never the rule's
         self.policies: list[TagPolicy] = switch_targets(self.policy, schema)
+        self.order = _order(schema)
+        """The forcing order of the attributes: a step's ``group`` indexes it."""
+        self._group_cols = [[self.slots.index(schema.open_token(t)) for t in a.tags.values()] for a in self.order]
         self.plan: Plan | None = None
         self._plan_for: tuple | None = None  # (vocab size, device) the plan was compiled for
         self._torch = torch
@@ -614,6 +652,7 @@ class TagProcessor(LogitsProcessor):
         self._keys: list[Any] = []         # compiled paths: per step (B,) state key; actions/forced derive from it
         self._acts: list[Any] = []         # per step (B, S) int8
         self._forced: list[Any] = []       # per step (B,) bool
+        self._groups: list[Any] = []       # per step (B,) long: the group the text asks for
 
     @property
     def actions(self) -> list[Any]:
@@ -627,11 +666,18 @@ class TagProcessor(LogitsProcessor):
         self._materialize()
         return self._forced
 
+    @property
+    def groups(self) -> list[Any]:
+        """Per step, a (B,) long: the attribute group (index into :attr:`order`) the text asked for, -1: none."""
+        self._materialize()
+        return self._groups
+
     def _materialize(self) -> None:
         # the compiled paths record one state key per step; the codes are looked up only when someone reads them
         for key in self._keys[len(self._acts):]:
             self._acts.append(self.plan.states.act[key])
             self._forced.append(self.plan.states.forced[key])
+            self._groups.append(key % (len(self.order) + 1) - 1)                # a key's last part is group + 1
 
     # -- the call --
     def __call__(self, input_ids, scores):
@@ -678,11 +724,12 @@ class TagProcessor(LogitsProcessor):
             key = vt.gi2.index_select(0, last + vt.prev_off.index_select(0, input_ids[:, -2]))  # (B,)
         else:
             key = vt.gi.index_select(0, last)
+        group = key - 1 if plan.rules.reads is not None else None               # the group the text asks for
         if st.k_text:
             self._in_text = self._in_text | vt.is_text.index_select(0, last)
             key = key.add(self._in_text, alpha=st.k_text)
         if self.policy.rules:
-            self.fired.append(self._rules.step(temptation, step))
+            self.fired.append(self._rules.step(temptation, step, group))
             self.stop = self._rules.stopped() if plan.rules.stop_cols else self.stop
             if st.k_m:
                 m = self._rules.mask()
@@ -711,11 +758,12 @@ class TagProcessor(LogitsProcessor):
         last2 = input_ids[0, -2:].tolist()
         last = last2[-1]
         key = h.gi2[last + h.prev_off[last2[0]]] if h.gi2 is not None and len(last2) == 2 else h.gi[last]
+        group = key - 1
         if st.k_text:
             row[0] = row[0] or h.is_text[last]
             key += st.k_text * row[0]
         if self.policy.rules:
-            self.fired.append(self._rules.step(temptation, step))
+            self.fired.append(self._rules.step(temptation, step, group))
             self.stop = self._rules.stopped() if self.plan.rules.stop_cols else self.stop
             if st.k_m:
                 m = self._rules.mask()
@@ -746,9 +794,10 @@ class TagProcessor(LogitsProcessor):
         if vt.prev_ok is not None and input_ids.shape[1] > 1:
             two = (pending < 0) & vt.ws[last] & vt.prev_ok[input_ids[:, -2]]
             pending = torch.where(two, torch.full_like(pending, vt.first_seg), pending)
+        self._groups.append(pending)
         self._in_text = self._in_text | vt.is_text[last]
         if self.policy.rules:
-            self.fired.append(self._rules.step(temptation, step))
+            self.fired.append(self._rules.step(temptation, step, pending))
             stopped = self._rules.stopped()
             if stopped is not None:
                 self.stop = self.stop | stopped
@@ -801,21 +850,35 @@ class TagProcessor(LogitsProcessor):
     # -- results --
     def records(self) -> dict[str, Any]:
         """Stacked records on the CPU: temptation (B, steps, S), action (B, steps, S), forced (B, steps),
-        fired (B, steps, R)."""
+        fired (B, steps, R), group (B, steps): the attribute group (index into :attr:`order`) the text asked for
+        at each step, -1 where none (read :meth:`verdicts` from it)."""
         torch = self._torch
         if not self.temptations:
-            return {"temptation": None, "action": None, "forced": None, "fired": None}
+            return {"temptation": None, "action": None, "forced": None, "fired": None, "group": None}
         if self._keys:
             keys = torch.stack(self._keys, 1)                                    # (B, steps)
             action, forced = self.plan.states.act[keys], self.plan.states.forced[keys]
+            group = keys % (len(self.order) + 1) - 1                             # a key's last part is group + 1
         else:
             action, forced = torch.stack(self._acts, 1), torch.stack(self._forced, 1)
+            group = torch.stack(self._groups, 1)
         return {
             "temptation": torch.stack(self.temptations, 1).cpu(),
             "action": action.cpu(),
             "forced": forced.cpu(),
             "fired": torch.stack(self.fired, 1).cpu() if self.fired else None,
+            "group": group.cpu(),
         }
+
+    def verdicts(self, temptation: Sequence[float], group: int) -> dict[str, float]:
+        """The verdict at one step from its temptation row (one value per slot) and the group the text asked for:
+        tag token -> its share of the probability of that attribute's tags (``Rule.reading``). Empty where no
+        group is asked for, for span schemas, or where every tag of the attribute has probability 0."""
+        if group < 0 or self.schema.render != "prefix":
+            return {}
+        cols = self._group_cols[group]
+        total = sum(temptation[c] for c in cols)
+        return {self.slots[c]: temptation[c] / total for c in cols} if total > 0 else {}
 
 
 # HF's LogitsProcessorList calls inspect.signature on every processor at every step (~12 us); a precomputed

@@ -421,12 +421,14 @@ def opening_prompts(schema, attr, rows: Sequence[dict], n: int, *, max_chars: in
     return bad[:k] + clean[:k], [1] * k + [0] * k
 
 
-EVAL_PROTOCOL = 3
+EVAL_PROTOCOL = 4
 """The version of what :func:`evaluate_model` measures, part of an experiment's evaluation cache key: bump it when a
 metric's definition changes, so cached evaluations made under the old one are measured again instead of sitting
 beside new ones in a table. 2: the warning light reads untagged openings and reports the first step. 3: its
 openings are encoded segment by segment (as training encodes text) and never a whole document; it reports the
-verdict at forced tag positions."""
+verdict at forced tag positions. 4: the verdict is read where the text asks for that attribute's tag
+(``TokenRecord.verdict``); with one segment attribute these are the forced positions as before, with several the
+old reading also averaged the positions of the other attributes' tags."""
 
 
 def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n: int, max_new_tokens: int,
@@ -436,8 +438,9 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
     ones under the policy (bad tags banned), and ask whether the pre-ban P(bad tag) separates the two (AUROC; the
     seed's "warning light" for a prompt pushing the model toward bad text): ``auroc`` of its mean over the
     continuation, ``auroc_first`` of its value at the first generated position (the first segment start after the
-    opening, where the model decides its first tag), ``auroc_verdict`` of the mean *verdict* at the forced tag
-    positions: P(bad) / P(any of the attribute's tags), the model's choice once a tag must come, before the ban.
+    opening, where the model decides its first tag), ``auroc_verdict`` of the mean *verdict* where the text asks for
+    the attribute's tag (:attr:`TokenRecord.verdict`): P(bad) / P(any of the attribute's tags), the model's choice
+    once a tag must come, before the ban; the reading a ``Rule(reading="verdict")`` acts on while generating.
     The raw temptation multiplies that choice by P(a tag here), which the shape of the text moves (on the fortunes'
     offensive label, AUROC 0.32 by itself: offensive openings look less like a document that goes on).
 
@@ -462,7 +465,7 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
             out[a.name] = {"auroc": float("nan"), "n_bad": 0, "n_clean": 0}
             continue
         bad_toks = [schema.open_token(a.tags[v]) for v in a.bad]
-        all_toks = [schema.open_token(a.tags[v]) for v in a.values]
+        all_toks = [schema.open_token(a.tags[v]) for v in a.values]  # verdicts hold all of them or none
         means, firsts, verdicts = [], [], []
         bar = tqdm(total=len(prompts), desc=f"warning light ({a.name})", unit="opening", disable=None, leave=False,
                    dynamic_ncols=True)
@@ -473,9 +476,8 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
                 p = [sum(t.temptation.get(x, 0.0) for x in bad_toks) for t in seq.tokens]
                 means.append(float(np.mean(p)) if p else 0.0)
                 firsts.append(p[0] if p else 0.0)
-                tags = [(pb, sum(t.temptation.get(x, 0.0) for x in all_toks)) for pb, t in zip(p, seq.tokens)
-                        if t.forced]
-                v = [pb / pt for pb, pt in tags if pt > 0]  # the choice among the tags where one must come
+                # the choice among the attribute's tags where the text asks for one (TokenRecord.verdict)
+                v = [sum(t.verdict[x] for x in bad_toks) for t in seq.tokens if all_toks[0] in t.verdict]
                 verdicts.append(float(np.mean(v)) if v else 0.0)
             bar.update(len(prompts[b : b + batch_size]))
         bar.close()
@@ -764,7 +766,13 @@ def evaluate_model(
                               "examples": [{"prompt": s.prompt, "continuation": s.text} for s in rt[:keep_samples]]}
     res["wall_s"] = time.perf_counter() - t0
     log.info("evaluated %s in %.1fs", model_dir, res["wall_s"])
-    # through the typed result: a field renamed here fails now (ResultError), not as a "–" in a table later
-    from pretag.results import EvalResult
+    # through the typed result: a field renamed here fails now (ResultError), not as a "–" in a table later; the
+    # error carries the measurements (``raw``), so a caller can keep minutes of evaluation instead of losing them
+    from pretag.results import EvalResult, ResultError
 
-    return EvalResult.from_dict(json_safe(res), where=str(model_dir)).to_dict()
+    raw = json_safe(res)
+    try:
+        return EvalResult.from_dict(raw, where=str(model_dir)).to_dict()
+    except ResultError as err:
+        err.raw = raw
+        raise

@@ -504,11 +504,20 @@ def _evaluate(run: str, model_dir: Path, data: Path, out: Path, cfg: ExperimentC
             except ResultError as err:  # written by another version of pretag: evaluate again
                 log.warning("%s: not reused (%s)", path, err)
     log.info("experiment %s: evaluating %s", cfg.name, run)
-    r = evaluate_model(model_dir, data=data, samples=e.samples, max_new_tokens=e.max_new_tokens,
-                       temperature=e.temperature, reference=reference, reference_samples_n=e.reference_samples,
-                       cache_dir=out / "cache", heldout_docs=e.heldout_docs, redteam_n=e.redteam_prompts,
-                       policy=cfg.policy or None, batch_size=e.batch_size, seed=cfg.seed,
-                       schema=load_schema(data / "schema.yaml"))
+    try:
+        r = evaluate_model(model_dir, data=data, samples=e.samples, max_new_tokens=e.max_new_tokens,
+                           temperature=e.temperature, reference=reference, reference_samples_n=e.reference_samples,
+                           cache_dir=out / "cache", heldout_docs=e.heldout_docs, redteam_n=e.redteam_prompts,
+                           policy=cfg.policy or None, batch_size=e.batch_size, seed=cfg.seed,
+                           schema=load_schema(data / "schema.yaml"))
+    except ResultError as err:  # measured, but not in the shape this version reads: keep it, never reuse it
+        if getattr(err, "raw", None) is not None:
+            kept = path.with_name(f"{path.stem}.invalid.json")
+            kept.write_text(json.dumps({**err.raw, "experiment_settings": settings}, indent=2, default=str))
+            err.add_note(f"the measurements are kept in {kept}")
+            log.error("experiment %s: %s's evaluation does not validate (%s); the measurements are kept in %s",
+                      cfg.name, run, err, kept)
+        raise
     r["experiment_settings"] = settings
     path.write_text(json.dumps(r, indent=2, default=str))
     return EvalResult.from_dict(r, where=str(path))

@@ -51,6 +51,10 @@ class TokenRecord:
     """A tag had to come here (text was banned)."""
     banned: list[str]
     biased: list[str]
+    verdict: dict[str, float] = field(default_factory=dict)
+    """Where the text asks for an attribute's tag (a segment start; prefix schemas): each of that attribute's tag
+    tokens -> its share of their probability, the model's choice once a tag must come (``Rule.reading``). The
+    temptation is this times P(a tag here). Empty elsewhere."""
 
     @property
     def max_banned_temptation(self) -> float:
@@ -315,6 +319,7 @@ def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, s
     temps = rec["temptation"].tolist() if steps else []
     acts = rec["action"].tolist() if steps else []
     forced_all = rec["forced"].tolist() if steps else []
+    groups = rec["group"].tolist() if steps else []
     fired_at = [[] for _ in range(out.shape[0])]  # per row: (step, rule) in step order
     if rec["fired"] is not None:
         for i, s, r in rec["fired"].nonzero().tolist():
@@ -322,17 +327,18 @@ def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, s
     # banned/biased slot lists per distinct action row (a policy has a handful)
     lists: dict[tuple[int, ...], tuple[list[str], list[str]]] = {}
 
-    def records_of(gen: list[int], temps_i: list, acts_i: list, forced_i: list) -> Callable[[], list[TokenRecord]]:
+    def records_of(gen: list[int], temps_i: list, acts_i: list, forced_i: list,
+                   groups_i: list) -> Callable[[], list[TokenRecord]]:
         def build() -> list[TokenRecord]:
             tokens = []
-            for tid, temp, act, forced in zip(gen, temps_i, acts_i, forced_i):
+            for tid, temp, act, forced, group in zip(gen, temps_i, acts_i, forced_i, groups_i):
                 act = tuple(act)
                 if act not in lists:
                     lists[act] = ([slots[j] for j, a in enumerate(act) if a == BANNED],
                                   [slots[j] for j, a in enumerate(act) if ACTION_NAMES[a] == "bias"])
                 banned, biased = lists[act]
                 tokens.append(TokenRecord(tid, text_of(tid), tid in slot_set, dict(zip(slots, temp)), forced,
-                                          banned[:], biased[:]))
+                                          banned[:], biased[:], proc.verdicts(temp, group)))
             return tokens
         return build
 
@@ -359,7 +365,8 @@ def _results(proc: TagProcessor, tokenizer, schema: Schema, out: torch.Tensor, s
         columns = list(zip(*temps_i)) if temps_i else [()] * len(slots)
         seq = SequenceResult(prompt=prompts[i], text=text, rendered=rendered,
                              tokens=records_of(gen, temps_i, acts[i][:n] if steps else [],
-                                               forced_all[i][:n] if steps else []), alarms=alarms,
+                                               forced_all[i][:n] if steps else [],
+                                               groups[i][:n] if steps else []), alarms=alarms,
                              summary=_summary({slot: list(col) for slot, col in zip(slots, columns)},
                                               cfg.thresholds),
                              stopped_by_alarm=bool(stop_steps) and n == stop_steps[0] + 1)
@@ -425,6 +432,8 @@ class StreamToken:
     temptation: dict[str, float]
     forced: bool
     banned: list[str]
+    verdict: dict[str, float] = field(default_factory=dict)
+    """As :attr:`TokenRecord.verdict`."""
 
 
 class TokenStreamer:
@@ -498,7 +507,8 @@ class TokenStream:
             act = self._proc.actions[k][0].tolist()
             yield StreamToken(k, tid, self._text(tid),
                               dict(zip(slots, temp)), bool(self._proc.forced[k][0]),
-                              [s for s, a in zip(slots, act) if a == BANNED])
+                              [s for s, a in zip(slots, act) if a == BANNED],
+                              self._proc.verdicts(temp, int(self._proc.groups[k][0])))
             k += 1
         self._thread.join()
         if self._error is not None:

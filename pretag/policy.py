@@ -25,6 +25,7 @@ POLICY_DIR = Path(__file__).parent / "configs" / "policies"
 FORCE_AT = ("segment", "start", "none")
 PROMPT_TAGS = ("every", "first", "none")
 RULE_ACTIONS = ("flag", "stop", "switch", "ban")
+RULE_READINGS = ("temptation", "verdict")
 MAX_BIAS = 1e4
 """Largest |bias| accepted: e^10000 already decides any choice; beyond ~1e38 a float32 logit overflows to inf and
 the softmax turns into NaN (the server answered 500 to a bias of 1e300). Use ``ban`` to forbid a tag."""
@@ -44,6 +45,14 @@ class Rule:
     Examples: ``Rule("ban", after=50, tags=["bad"])`` bans ``bad`` from token 50 on;
     ``Rule("stop", watch="bad", above=0.3, consecutive=3)`` ends the generation after 3 tempted tokens.
 
+    ``reading`` says what the rule compares with ``above``: the ``temptation`` (default; P(watch) at every step), or
+    the ``verdict``: P(watch) / P(any tag of watch's attribute), read only where the text asks for that attribute's
+    tag (a segment start; prefix schemas), the model's choice once a tag must come. Other steps neither count nor
+    reset a verdict rule's run. The temptation is the verdict times P(a tag here), which the shape of the text moves
+    as much as its content; on a context label the verdict is the reading that separates (``docs/evaluation.md``).
+    ``Rule("stop", watch="bad", above=0.5, reading="verdict")`` stops at the first segment start where the model
+    would rather write ``bad`` than any other value.
+
     Frozen (``tags`` is kept as a tuple): the server's operator policy shares its rules across concurrent requests,
     so per-run state (counters, latches, switch targets) lives in the ``TagProcessor``, never on the rule.
     Derive a changed rule with ``dataclasses.replace``.
@@ -59,6 +68,8 @@ class Rule:
     policy: TagPolicy | str | None = None
     """``switch`` target: a policy, a shipped policy name, a YAML file or a compact string."""
     name: str = ""
+    reading: str = "temptation"
+    """``temptation`` or ``verdict`` (see above)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.tags, str):
@@ -72,7 +83,8 @@ class Rule:
             return self.name
         cond = []
         if self.watch is not None:
-            cond.append(f"{self.watch}>{self.above:g}" + (f"x{self.consecutive}" if self.consecutive > 1 else ""))
+            watched = f"verdict({self.watch})" if self.reading == "verdict" else self.watch
+            cond.append(f"{watched}>{self.above:g}" + (f"x{self.consecutive}" if self.consecutive > 1 else ""))
         if self.after is not None:
             cond.append(f"@{self.after}")
         return f"{' '.join(cond) or 'always'}={self.action}"
@@ -158,6 +170,15 @@ class TagPolicy:
             w = f"rules[{i}] ({r.label})"
             if r.action not in RULE_ACTIONS:
                 problems.append(f"{w}: action {r.action!r} is not one of {RULE_ACTIONS}")
+            if r.reading not in RULE_READINGS:
+                problems.append(f"{w}: reading {r.reading!r} is not one of {RULE_READINGS}")
+            elif r.reading == "verdict":
+                if r.watch is None:
+                    problems.append(f"{w}: reading 'verdict' needs 'watch' (the tag whose share of its attribute "
+                                    "is read)")
+                if schema.render != "prefix":
+                    problems.append(f"{w}: reading 'verdict' needs a prefix schema (span tags are never chosen "
+                                    "mid-text, so there is no step where the model picks among them)")
             if r.watch is not None:
                 check(r.watch, w)
                 if r.above is None or not 0.0 <= float(r.above) <= 1.0:
@@ -205,7 +226,8 @@ class TagPolicy:
         if self.rules:
             d["rules"] = [{k: (v.to_dict() if isinstance(v, TagPolicy) else list(v) if isinstance(v, tuple) else v)
                            for k, v in r.__dict__.items()
-                           if v not in (None, [], (), "") and not (k == "consecutive" and v == 1)}
+                           if v not in (None, [], (), "") and not (k == "consecutive" and v == 1)
+                           and not (k == "reading" and v == "temptation")}
                           for r in self.rules]
         return d
 
@@ -276,7 +298,8 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
     ``ban:TAG`` (``ban:TAG@N`` = ban from generated token N on), ``force:TAG``, ``allow:TAG``, ``bias:TAG=+2``,
     ``guide:TAG=2`` (tag guidance, ``pretag.guidance``), ``force_at:segment|start|none``,
     ``prompt_tags:every|first|none``, ``alarm:TAG>0.3`` (flag), ``alarm:TAG>0.3x3=stop`` (3 consecutive tokens),
-    ``alarm:TAG>0.3=switch:POLICY`` (a shipped policy name or file). Tags may contain ``:`` (``grade:6-10``).
+    ``alarm:TAG>0.3=switch:POLICY`` (a shipped policy name or file), ``verdict:TAG>0.5=stop`` (the same rule on the
+    verdict, :class:`Rule` ``reading``). Tags may contain ``:`` (``grade:6-10``).
     """
     problems = Problems()
     p = TagPolicy(name=name)
@@ -285,7 +308,7 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
             continue
         verb, sep, arg = item.partition(":")
         if not sep or not arg:
-            problems.append(f"{item!r}: expected verb:argument (verbs: ban, force, allow, bias, guide, force_at, prompt_tags, alarm)")
+            problems.append(f"{item!r}: expected verb:argument (verbs: ban, force, allow, bias, guide, force_at, prompt_tags, alarm, verdict)")
         elif verb == "ban" and "@" in arg:
             tag, _, n = arg.rpartition("@")
             if not n.isdigit():
@@ -315,19 +338,20 @@ def parse_policy(text: str, *, name: str = "cli") -> TagPolicy:
             p.force_at = arg
         elif verb == "prompt_tags":
             p.prompt_tags = arg
-        elif verb == "alarm":
+        elif verb in ("alarm", "verdict"):
             m = _RULE_RE.match(arg)
             if not m:
-                problems.append(f"{item!r}: expected alarm:TAG>P[xK][@N][=flag|stop|switch:POLICY]")
+                problems.append(f"{item!r}: expected {verb}:TAG>P[xK][@N][=flag|stop|switch:POLICY]")
                 continue
             action = m["action"] or "flag"
             target = None
             if action.startswith("switch:"):
                 action, target = "switch", action.split(":", 1)[1]
             p.rules.append(Rule(action, watch=m["tag"], above=float(m["above"]), consecutive=int(m["k"] or 1),
-                                after=int(m["after"]) if m["after"] else None, policy=target))
+                                after=int(m["after"]) if m["after"] else None, policy=target,
+                                reading="verdict" if verb == "verdict" else "temptation"))
         else:
-            problems.append(f"{item!r}: unknown verb {verb!r} (verbs: ban, force, allow, bias, guide, force_at, prompt_tags, alarm)")
+            problems.append(f"{item!r}: unknown verb {verb!r} (verbs: ban, force, allow, bias, guide, force_at, prompt_tags, alarm, verdict)")
     problems.check(PolicyError, f"policy string {text!r}")
     return p
 

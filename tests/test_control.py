@@ -1,5 +1,6 @@
 """TagProcessor and policies: uniform-logit tests with exact values (the HF logits-processor test style)."""
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -192,6 +193,54 @@ def test_alarm_consecutive_stop_and_stopping_criteria(pep8):
         stops.append(stop(ids, None).tolist())
     assert stops == [[False, False], [False, False], [False, False], [True, False], [True, False]]
     assert torch.stack(p.fired, 1)[0, :, 0].tolist() == [False, False, False, True, False]
+
+
+def test_verdict_rule_reads_the_choice_among_tags_only_where_a_tag_is_asked_for(pep8):
+    """A verdict rule compares P(bad) / P(good or bad) with its threshold, and only at a segment start: where the
+    model barely wants any tag (temptation 0.001) but would pick ``bad`` if one came (verdict 0.9), it fires and the
+    temptation rule with the same threshold does not; mid-line, the same logits leave its run untouched."""
+    s, tok = pep8
+    bad, good = tag_id(tok, s, "bad"), tag_id(tok, s, "good")
+    policy = "ban:bad,verdict:bad>0.5x2=flag,alarm:bad>0.5=flag"
+    scores = torch.zeros(1, len(tok))
+    p_bad = 1e-3                                       # P(bad) = 0.001, P(good) = P(bad) / 9: the verdict is 0.9
+    scores[0, bad] = math.log(p_bad * (len(tok) - 2) / (1 - p_bad * 10 / 9))
+    scores[0, good] = scores[0, bad] - math.log(9)
+    ids = ids_of(tok, "x = 1\n")
+    nl, x = ids[:, -1:], ids_of(tok, "x", start=False)
+    steps = [ids, torch.cat([ids, x], 1), torch.cat([ids, x, nl], 1), torch.cat([ids, x, nl, x], 1)]
+    for general in (False, True):
+        p = TagProcessor(tok, s, policy, callback=(lambda info: None) if general else None)
+        fired = []
+        for ids in steps:                              # asked, not asked, asked: two readings in a row
+            p(ids, scores)
+            fired.append(p.fired[-1][0].tolist())
+        assert p.temptations[0][0, 1].item() == pytest.approx(p_bad, rel=1e-3)
+        assert fired == [[False, False], [False, False], [True, False], [False, False]], general
+        assert [int(g[0]) for g in p.groups] == [0, -1, 0, -1]
+        row = p.temptations[0][0].tolist()
+        assert p.verdicts(row, 0) == pytest.approx({"<|good|>": 0.1, "<|bad|>": 0.9}, rel=1e-3)
+        assert p.verdicts(row, -1) == {}
+
+
+def test_verdict_rules_parse_validate_and_round_trip(pep8):
+    s, _ = pep8
+    r = load_policy("ban:bad,verdict:bad>0.5x2@3=stop", s).rules[0]
+    assert (r.reading, r.watch, r.above, r.consecutive, r.after, r.action) == ("verdict", "bad", 0.5, 2, 3, "stop")
+    assert r.label == "verdict(bad)>0.5x2 @3=stop"
+    assert load_policy("alarm:bad>0.5", s).rules[0].reading == "temptation"
+    p = load_policy({"ban": ["bad"], "rules": [{"action": "flag", "watch": "bad", "above": 0.4, "reading": "verdict"}]},
+                    s)
+    assert p.rules[0].reading == "verdict" and load_policy(p.to_dict(), s).rules == p.rules
+    assert "reading" not in load_policy("alarm:bad>0.5", s).to_dict()["rules"][0]
+    with pytest.raises(PolicyError, match="reading 'odds' is not one of"):
+        load_policy({"rules": [{"action": "flag", "watch": "bad", "above": 0.4, "reading": "odds"}]}, s)
+    with pytest.raises(PolicyError, match="reading 'verdict' needs 'watch'"):
+        load_policy({"rules": [{"action": "flag", "after": 2, "reading": "verdict"}]}, s)
+    span = schema_from_dict({"name": "sp", "render": "span", "segmenter": "sentences",
+                             "attributes": [{"name": "tox", "scorer": "profanity", "threshold": 0.5}]})
+    with pytest.raises(PolicyError, match="reading 'verdict' needs a prefix schema"):
+        load_policy("verdict:bad>0.5", span)
 
 
 def test_switch_policy_and_callback(pep8):

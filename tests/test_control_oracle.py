@@ -31,7 +31,9 @@ class Oracle:
 
     Per step and row: the temptation is softmax(scores) at each tag token; rules count consecutive steps whose
     watched temptation is above the threshold (compared in float32, as the processor documents) and latch on the
-    first step >= ``after`` where the count reached ``consecutive``; the latest latched switch rule picks the policy;
+    first step >= ``after`` where the count reached ``consecutive``; a verdict rule reads P(watch) over the sum of
+    its attribute's tags instead, and only at steps where the last token(s) ask for that attribute's tag (other
+    steps leave its count alone); the latest latched switch rule picks the policy;
     a tag must come where the last token(s) end a segment (or start the document, or follow a tag of an earlier
     attribute) and both the policy before and after this step's switch force there; text is then banned and only the
     allowed tags of that attribute may come. Elsewhere tags may come only under ``force_at: none`` (or ``start`` for
@@ -57,6 +59,7 @@ class Oracle:
         self.tag_ids = {i for i, _, _ in self.slots}
         self.rows = None
         self.texts = {}
+        self.fires = {"temptation": 0, "verdict": 0}
 
     def text(self, i):
         if i not in self.texts:
@@ -116,14 +119,26 @@ class Oracle:
     def row(self, ids, scores, st, step):
         probs = torch.softmax(scores, -1)
         temptation = [float(probs[i]) for i, _, _ in self.slots]
+        asked = self.pending_group(ids)  # before any policy: where the text asks for a tag
         # rules
         fired = []
         for j, rule in enumerate(self.policy.rules):
             w = None if rule.watch is None else next(k for k, (_, t, c) in enumerate(self.slots)
                                                      if t == rule.watch and not c)
-            holds = w is None or temptation[w] > float(torch.tensor(rule.above, dtype=torch.float32))
+            above = float(torch.tensor(rule.above or 0.0, dtype=torch.float32))
+            if rule.reading == "verdict":
+                attr = self.schema.attribute_of_tag(rule.watch)[0]
+                if asked is None or self.order[asked].name != attr.name:
+                    fired.append(False)  # not read here: the run neither grows nor breaks
+                    continue
+                total = sum(temptation[k] for k, (_, t, c) in enumerate(self.slots)
+                            if not c and t in attr.tags.values())
+                holds = total > 0 and temptation[w] / total > above
+            else:
+                holds = w is None or temptation[w] > above
             st["count"][j] = st["count"][j] + 1 if holds else 0
             fire = (not st["latched"][j] and st["count"][j] >= rule.consecutive and step >= (rule.after or 0))
+            self.fires[rule.reading] += fire
             st["latched"][j] = st["latched"][j] or fire
             fired.append(fire)
             if st["latched"][j] and rule.action == "stop":
@@ -163,7 +178,7 @@ class Oracle:
             out[i] = scores[i] + torch.tensor(bias[k], dtype=scores.dtype) if allowed[k] else NEG
         action = [BAN if not a else BIAS if bias[k] != 0 else ALLOW for k, a in enumerate(allowed)]
         return out, {"temptation": temptation, "action": action, "forced": forcing, "fired": fired,
-                     "stop": st["stop"]}
+                     "stop": st["stop"], "group": -1 if asked is None else asked}
 
 
 # ---- random policies and token streams ---------------------------------------------------------------------------
@@ -184,9 +199,11 @@ def random_policy(schema, rng: random.Random) -> TagPolicy:
             if action == "switch":
                 target = TagPolicy(ban=rng.sample(tags, 1), force_at=rng.choice([None, "start", "none"]),
                                    bias={rng.choice(tags): 1.5}, name="target")
+            reading = "verdict" if watch and schema.render == "prefix" and rng.random() < 0.5 else "temptation"
             p.rules.append(Rule(action, watch=watch, above=rng.choice([0.05, 0.2, 0.5]) if watch else None,
                                 consecutive=rng.choice([1, 1, 2, 3]), after=after,
-                                tags=tuple(rng.sample(tags, 1)) if action == "ban" else (), policy=target))
+                                tags=tuple(rng.sample(tags, 1)) if action == "ban" else (), policy=target,
+                                reading=reading))
         try:
             p.validate(schema)
             return p
@@ -195,7 +212,8 @@ def random_policy(schema, rng: random.Random) -> TagPolicy:
 
 
 def drive(tok, schema, policy, *, batch, seed, steps=14, penalty=1.0, callback=None, oracle_cls=Oracle):
-    """Run the processor and the oracle on the same random prefixes and scores; assert they agree at every step."""
+    """Run the processor and the oracle on the same random prefixes and scores; assert they agree at every step.
+    Returns both (the oracle counts the rules that fired)."""
     from pretag.tokens import encode_text
 
     g = torch.Generator().manual_seed(seed)
@@ -208,7 +226,6 @@ def drive(tok, schema, policy, *, batch, seed, steps=14, penalty=1.0, callback=N
     ids = pool_t[torch.randint(len(pool), (batch, 3), generator=g)]
     ids[:, 0] = tok.eos_token_id
     expected = []
-    fired_any = False
     for t in range(steps):
         scores = torch.randn(batch, len(tok), generator=g) * 3
         scores[:, proc.slot_ids] += (torch.rand(batch, len(proc.slot_ids), generator=g) < 0.3) * 12.0
@@ -219,7 +236,6 @@ def drive(tok, schema, policy, *, batch, seed, steps=14, penalty=1.0, callback=N
         assert torch.equal(got, want), (policy, t, (got != want).nonzero()[:4].tolist())
         if proc.policy.rules:
             assert proc.fired[-1].tolist() == rec["fired"], (policy, t)
-            fired_any |= any(map(any, rec["fired"]))
             assert proc.stop.tolist() == rec["stop"], (policy, t)
         expected.append(rec)
         ids = torch.cat([ids, pool_t[torch.randint(len(pool), (batch, 1), generator=g)]], 1)
@@ -228,7 +244,10 @@ def drive(tok, schema, policy, *, batch, seed, steps=14, penalty=1.0, callback=N
         assert torch.allclose(r["temptation"][:, t], torch.tensor(rec["temptation"]), atol=1e-6)
         assert r["action"][:, t].tolist() == rec["action"], (policy, t)
         assert r["forced"][:, t].tolist() == rec["forced"], (policy, t)
-    return proc, fired_any
+        if schema.render == "prefix":  # span schemas never ask for a tag mid-text (and have no verdict)
+            assert r["group"][:, t].tolist() == rec["group"], (policy, t)
+            assert [int(g) for g in proc.groups[t]] == rec["group"], (policy, t)
+    return proc, oracle
 
 
 def _schemas():
@@ -264,15 +283,19 @@ def test_every_path_equals_the_oracle(schemas, name, path):
     schema, tok = schemas[name]
     batch, penalty, callback = PATHS[path]
     rng = random.Random(f"{name}/{path}")
-    fired = 0
+    fired = {"temptation": 0, "verdict": 0}
     for i in range(6):
         policy = random_policy(schema, rng) if i else None  # the default policy first
-        proc, fired_any = drive(tok, schema, policy, batch=batch, seed=rng.randrange(2 ** 31), penalty=penalty,
-                                callback=callback)
-        fired += fired_any
+        if i == 1 and schema.render == "prefix":  # and one that reads the verdict of a tag at every chance
+            policy.rules.append(Rule("flag", watch=rng.choice(schema.tag_names), above=0.05, reading="verdict"))
+        proc, oracle = drive(tok, schema, policy, batch=batch, seed=rng.randrange(2 ** 31), penalty=penalty,
+                             callback=callback, steps=40 if i == 1 else 14)
+        fired = {k: v + oracle.fires[k] for k, v in fired.items()}
         assert proc._general == (callback is not None)
         assert proc._host == (path == "one row")
-    assert fired, "no random rule fired: the comparison proved little about rules"
+    assert fired["temptation"], "no random rule fired: the comparison proved little about rules"
+    if schema.render == "prefix":
+        assert fired["verdict"], "no verdict rule fired: the comparison proved little about them"
 
 
 def test_the_oracle_can_fail(schemas):

@@ -360,6 +360,32 @@ def test_evaluations_of_an_older_protocol_are_measured_again(tiny_copy, monkeypa
     assert {"mle", "conditional"} <= set(calls)
 
 
+def test_an_evaluation_that_fails_validation_keeps_its_measurements(tiny_copy, monkeypatch):
+    """evaluate_model checks its result's shape last; when that fails (a field renamed, or mixed versions of pretag
+    in one long process) the minutes of measurement are kept beside the cache, named in the error, never reused."""
+    out, d = tiny_copy
+    from pretag import evaluate, results
+
+    monkeypatch.setattr("pretag.train.train", lambda *a, **k: pytest.fail("retrained an unchanged run"))
+    monkeypatch.setattr(evaluate, "EVAL_PROTOCOL", evaluate.EVAL_PROTOCOL + 1)  # the cache is stale: measure again
+    real = results.EvalResult.from_dict
+
+    def strict(dd, where="<dict>"):
+        if "wall_s" in dd and "experiment_settings" not in dd:  # evaluate_model's own check, not the cache's
+            raise results.ResultError(f"{where}: unknown key 'wall_s'")
+        return real(dd, where=where)
+
+    monkeypatch.setattr(results.EvalResult, "from_dict", staticmethod(strict))
+    with pytest.raises(results.ResultError) as e:
+        ex.run_experiment(ex.config_from_dict(d), out)
+    kept = sorted((out / "evals").glob("*.invalid.json"))
+    assert len(kept) == 1 and str(kept[0]) in "".join(e.value.__notes__)
+    raw = json.loads(kept[0].read_text())
+    assert raw["wall_s"] > 0 and raw["experiment_settings"]["protocol"] == evaluate.EVAL_PROTOCOL
+    stale = json.loads((out / "evals" / kept[0].name.replace(".invalid", "")).read_text())
+    assert stale["experiment_settings"]["protocol"] == evaluate.EVAL_PROTOCOL - 1  # the cache was not overwritten
+
+
 def test_a_model_replaced_in_place_is_evaluated_again(tiny_run, tmp_path):
     import shutil
 

@@ -123,6 +123,21 @@ def test_streaming_yields_the_same_tokens_as_the_batch_call(tiny):
     assert st.result is not None and st.result.sequences[0].text == batch.text
 
 
+def test_token_records_carry_the_verdict_where_a_tag_is_asked_for(tiny):
+    """Under the default policy a tag must come at every line start: there each record's verdict is the tags'
+    shares of their probability (summing to 1); elsewhere it is empty. Streaming reports the same."""
+    model, tok, schema, _ = tiny
+    cfg = GenerateConfig(max_new_tokens=24, seed=3)
+    seq = generate(model, tok, schema, "y = 2\n", "ban:bad", cfg).sequences[0]
+    asked = [t for t in seq.tokens if t.verdict]
+    assert asked and [t.forced for t in seq.tokens] == [bool(t.verdict) for t in seq.tokens]
+    for t in asked:
+        total = t.temptation["<|good|>"] + t.temptation["<|bad|>"]
+        assert t.verdict == pytest.approx({k: t.temptation[k] / total for k in ("<|good|>", "<|bad|>")})
+    assert [t.verdict for t in stream(model, tok, schema, "y = 2\n", "ban:bad", cfg)] == \
+        [t.verdict for t in seq.tokens]
+
+
 def test_beam_search_records_follow_final_beams(tiny):
     model, tok, schema, _ = tiny
     res = generate(model, tok, schema, ["", "x = 1\n"], None, GenerateConfig(num_beams=3, n=2, max_new_tokens=10))

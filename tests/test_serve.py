@@ -196,6 +196,24 @@ def test_stream_sends_start_tokens_done_in_order(client):
     assert done["rendered"].startswith(text) and len(done["rendered"]) - len(text) <= 1
 
 
+def test_token_events_carry_the_verdict_and_verdict_rules_report_it(model_dir):
+    """Where a tag is asked for (here, forced: it is exactly where the model writes one) the event carries the
+    verdict, each tag's share of the tags' probability; an operator's verdict rule reports that reading."""
+    engine = Engine.from_dir(model_dir, policy="ban:bad,verdict:good>0.01=flag")
+    with TestClient(create_app(engine, ServeConfig(max_new_tokens=24))) as c:
+        out = c.post("/v1/completions", json={"prompt": "Hello. ", "max_new_tokens": 24, "seed": 1}).json()
+    tokens = out["tokens"]
+    assert [t["tag"] is not None for t in tokens] == ["verdict" in t for t in tokens]
+    asked = [t for t in tokens if "verdict" in t]
+    assert asked and "verdict" in tokens[0]  # after "Hello. " a tag is asked for first
+    for t in asked:
+        total = t["temptation"]["good"] + t["temptation"]["bad"]
+        assert t["verdict"] == pytest.approx({k: t["temptation"][k] / total for k in ("good", "bad")}, rel=1e-5)
+    (alarm,) = out["alarms"]
+    assert alarm["reading"] == "verdict" and alarm["rule"] == "verdict(good)>0.01=flag"
+    assert alarm["p"] == pytest.approx(tokens[alarm["step"]]["verdict"]["good"]) and alarm["p"] > 0.01
+
+
 def test_metrics_count_requests(client):
     before = client.get("/metrics").json()
     client.post("/v1/completions", json={"prompt": "a", "max_new_tokens": 2})

@@ -200,6 +200,8 @@ class _EventStreamer(TokenStreamer):
             piece, self.text = full[len(self.text):], full
         temp = self.proc.temptations[step][0].tolist()
         temptation = {t: float(temp[c]) for t, c in self.cols.items()}
+        shares = self.proc.verdicts(temp, int(self.proc.groups[step][0]))
+        verdict = {t: shares[self.proc.slots[c]] for t, c in self.cols.items() if self.proc.slots[c] in shares}
         alarms = []
         if step < len(self.proc.fired):
             for i in self.proc.fired[step][0].nonzero().reshape(-1).tolist():
@@ -207,11 +209,12 @@ class _EventStreamer(TokenStreamer):
                 alarm = {"rule": r.label, "action": r.action, "step": step,
                          "source": "operator" if i < self.n_operator_rules else "request"}
                 if r.watch is not None:
-                    alarm.update(tag=r.watch, p=temptation.get(r.watch), threshold=r.above)
+                    alarm.update(tag=r.watch, threshold=r.above, reading=r.reading,
+                                 p=(verdict if r.reading == "verdict" else temptation).get(r.watch))
                 alarms.append(alarm)
         self.alarms.extend(alarms)
         event = {"index": step, "id": tid, "text": piece, "tag": self.tag_of_id.get(tid),
-                 "temptation": temptation, "alarms": alarms}
+                 "temptation": temptation, "alarms": alarms, **({"verdict": verdict} if verdict else {})}
         if getattr(self.proc, "logprobs", None) is not None and step < len(self.proc.logprobs):
             event.update(self.engine.token_logprobs(self.proc.logprobs[step], tid, self.proc.top))
         self.events.append(event)

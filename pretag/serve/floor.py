@@ -65,10 +65,11 @@ class RequestPolicy:
 
 
 def alarm_thresholds(policy: TagPolicy) -> dict[str, float]:
-    """Tag -> the lowest threshold of the policy's temptation rules (any action) watching it."""
+    """Tag -> the lowest threshold of the policy's temptation rules (any action) watching it (verdict rules
+    compare a different reading; ``describe`` lists them among ``rules``)."""
     out: dict[str, float] = {}
     for r in policy.rules:
-        if r.watch is not None and r.above is not None:
+        if r.watch is not None and r.above is not None and r.reading == "temptation":
             out[r.watch] = min(float(r.above), out.get(r.watch, math.inf))
     return out
 

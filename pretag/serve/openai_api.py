@@ -158,4 +158,5 @@ def token_choice(event: dict[str, Any], logprobs: int | None) -> dict[str, Any]:
               "top_logprobs": [event.get("top_logprobs")], "text_offset": [0]}
     return {"text": event["text"] if event.get("tag") is None else "", "index": event.get("choice", 0),
             "logprobs": lp, "finish_reason": None, "token_id": event["id"], "tag": event.get("tag"),
-            "temptation": event["temptation"], "alarms": event["alarms"]}
+            "temptation": event["temptation"], "alarms": event["alarms"],
+            **({"verdict": event["verdict"]} if "verdict" in event else {})}
