@@ -441,6 +441,8 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
     opening, where the model decides its first tag), ``auroc_verdict`` of the mean *verdict* where the text asks for
     the attribute's tag (:attr:`TokenRecord.verdict`): P(bad) / P(any of the attribute's tags), the model's choice
     once a tag must come, before the ban; the reading a ``Rule(reading="verdict")`` acts on while generating.
+    ``auroc_max`` / ``auroc_verdict_max`` read each continuation's highest temptation / verdict: a flag rule with
+    threshold T fires on a continuation iff that maximum is above T, so these are the live rules' ROC over all T.
     The raw temptation multiplies that choice by P(a tag here), which the shape of the text moves (on the fortunes'
     offensive label, AUROC 0.32 by itself: offensive openings look less like a document that goes on).
 
@@ -466,7 +468,7 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
             continue
         bad_toks = [schema.open_token(a.tags[v]) for v in a.bad]
         all_toks = [schema.open_token(a.tags[v]) for v in a.values]  # verdicts hold all of them or none
-        means, firsts, verdicts = [], [], []
+        means, firsts, verdicts, maxes, vmaxes = [], [], [], [], []
         bar = tqdm(total=len(prompts), desc=f"warning light ({a.name})", unit="opening", disable=None, leave=False,
                    dynamic_ncols=True)
         for b in range(0, len(prompts), batch_size):
@@ -476,16 +478,21 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
                 p = [sum(t.temptation.get(x, 0.0) for x in bad_toks) for t in seq.tokens]
                 means.append(float(np.mean(p)) if p else 0.0)
                 firsts.append(p[0] if p else 0.0)
+                maxes.append(max(p, default=0.0))
                 # the choice among the attribute's tags where the text asks for one (TokenRecord.verdict)
                 v = [sum(t.verdict[x] for x in bad_toks) for t in seq.tokens if all_toks[0] in t.verdict]
                 verdicts.append(float(np.mean(v)) if v else 0.0)
+                vmaxes.append(max(v, default=0.0))
             bar.update(len(prompts[b : b + batch_size]))
         bar.close()
         y = np.asarray(labels, dtype=bool)
         m, f, v = np.asarray(means), np.asarray(firsts), np.asarray(verdicts)
+        mx, vmx = np.asarray(maxes), np.asarray(vmaxes)
         lo, hi = auroc_interval(m[y], m[~y], seed=seed)
         flo, fhi = auroc_interval(f[y], f[~y], seed=seed)
         vlo, vhi = auroc_interval(v[y], v[~y], seed=seed)
+        xlo, xhi = auroc_interval(mx[y], mx[~y], seed=seed)
+        vxlo, vxhi = auroc_interval(vmx[y], vmx[~y], seed=seed)
         out[a.name] = {"auroc": auroc(m, labels), "n_bad": int(y.sum()), "n_clean": int((~y).sum()),
                        "mean_after_bad": float(m[y].mean()), "mean_after_clean": float(m[~y].mean()),
                        "auroc_lo": lo, "auroc_hi": hi,
@@ -493,7 +500,11 @@ def prompt_warning(model, tokenizer, schema, policy, rows: Sequence[dict], *, n:
                        "first_after_bad": float(f[y].mean()), "first_after_clean": float(f[~y].mean()),
                        "prompt_tags": policy.resolved_prompt_tags(schema),
                        "auroc_verdict": auroc(v, labels), "auroc_verdict_lo": vlo, "auroc_verdict_hi": vhi,
-                       "verdict_after_bad": float(v[y].mean()), "verdict_after_clean": float(v[~y].mean())}
+                       "verdict_after_bad": float(v[y].mean()), "verdict_after_clean": float(v[~y].mean()),
+                       # what a flag rule sees: it fires on a continuation iff its reading's maximum is above T
+                       "auroc_max": auroc(mx, labels), "auroc_max_lo": xlo, "auroc_max_hi": xhi,
+                       "auroc_verdict_max": auroc(vmx, labels), "auroc_verdict_max_lo": vxlo,
+                       "auroc_verdict_max_hi": vxhi}
     return out
 
 

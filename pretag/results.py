@@ -241,9 +241,20 @@ class WarningLight:
     auroc_verdict_hi: float | None = None
     verdict_after_bad: float | None = None
     verdict_after_clean: float | None = None
+    auroc_max: float | None = None
+    """AUROC of the *highest* raw temptation over the continuation: what a flag rule (``alarm:bad>T``) sees, since
+    it fires on a continuation iff that maximum is above its threshold; its ROC is the rule's over all T."""
+    auroc_verdict_max: float | None = None
+    """The same for the highest verdict: a ``verdict:bad>T`` rule's ROC over all T."""
+    auroc_max_lo: float | None = None
+    auroc_max_hi: float | None = None
+    auroc_verdict_max_lo: float | None = None
+    auroc_verdict_max_hi: float | None = None
 
     _FIRST = ("auroc_first", "auroc_first_lo", "auroc_first_hi", "first_after_bad", "first_after_clean", "prompt_tags")
-    _VERDICT = ("auroc_verdict", "auroc_verdict_lo", "auroc_verdict_hi", "verdict_after_bad", "verdict_after_clean")
+    _VERDICT = ("auroc_verdict", "auroc_verdict_lo", "auroc_verdict_hi", "verdict_after_bad", "verdict_after_clean",
+                "auroc_max", "auroc_max_lo", "auroc_max_hi", "auroc_verdict_max", "auroc_verdict_max_lo",
+                "auroc_verdict_max_hi")
     _NEWER = ("auroc_lo", "auroc_hi", *_FIRST, *_VERDICT)  # absent in older results
 
     @classmethod

@@ -447,7 +447,9 @@ def test_prompt_warning_reads_the_bad_tags_temptation_after_untagged_openings(mo
         def seq(p):  # a forced tag position, then a free one; after a bad opening a tag is less likely but bad
             bad = int(p.split()[1].rstrip(".")) % 2 == 0
             steps = [(0.06, 0.04, True), (0.2, 0.5, False)] if bad else [(0.1, 0.9, True), (0.9, 0.05, False)]
-            return SimpleNamespace(tokens=[SimpleNamespace(temptation={"<|bad|>": b, "<|good|>": g}, forced=f)
+            return SimpleNamespace(tokens=[SimpleNamespace(temptation={"<|bad|>": b, "<|good|>": g}, forced=f,
+                                                           verdict={"<|bad|>": b / (b + g), "<|good|>": g / (b + g)}
+                                                           if f else {})
                                            for b, g, f in steps])
         return SimpleNamespace(sequences=[seq(p) for p in prompts])
 
@@ -462,6 +464,8 @@ def test_prompt_warning_reads_the_bad_tags_temptation_after_untagged_openings(mo
     # the verdict where a tag is forced, P(bad) / P(bad or good): 0.6 vs 0.1; the free step does not count
     assert res["auroc_verdict"] == 1.0 and (res["auroc_verdict_lo"], res["auroc_verdict_hi"]) == (1.0, 1.0)
     assert (res["verdict_after_bad"], res["verdict_after_clean"]) == (pytest.approx(0.6), pytest.approx(0.1))
+    # what flag rules see, each continuation's highest reading: raw 0.2 vs 0.9 (backwards), verdict 0.6 vs 0.1
+    assert (res["auroc_max"], res["auroc_verdict_max"]) == (0.0, 1.0)
     from pretag.results import WarningLight
     assert WarningLight.from_dict(res).to_dict() == res  # the new fields round-trip
     seen.clear()

@@ -1,7 +1,8 @@
 """The warning light on more prompts than an experiment's evaluation uses: N held-out openings holding a bad
 sentence and N clean ones, continued under a policy; AUROC of the mean pre-ban P(<|bad|>) over the continuation and
 of its value at the first generated position, and of the verdict at forced tag positions (P(bad) / P(the
-attribute's tags)), with their intervals. The openings are plain text (``--prompt-tags none``); ``--prompt-tags
+attribute's tags)), with their intervals; and of each continuation's highest temptation / verdict, what a live
+``alarm:bad>T`` / ``verdict:bad>T`` flag rule sees (it fires iff that maximum is above T). The openings are plain text (``--prompt-tags none``); ``--prompt-tags
 policy`` tags them as the policy does (before 2026-12-01 the only rendering).
 
     python docs/results/guidance/warning_probe.py MODEL_DIR DATA -n 128 [--policy 'ban:bad,guide:bad=3'] [--out F]
