@@ -46,6 +46,14 @@ def format_trace(seq: SequenceResult, colour: bool = True) -> str:
         for tag, s in seq.summary.items():
             firsts = ", ".join(str(v) for v in s["first_above"].values())
             lines.append(f"  {tag:>16}  {s['max']:.3f} / {s['mean']:.3f}  first above: {firsts}")
+    asked = [t for t in seq.tokens if t.verdict]
+    banned = list(dict.fromkeys(b for t in asked for b in t.banned if b in t.verdict))
+    if banned:
+        lines.append(f"verdict at the {len(asked)} tag positions, the banned tag's share of its attribute's tags "
+                     "(max / mean):")
+        for tag in banned:
+            vals = [t.verdict[tag] for t in asked if tag in t.verdict]
+            lines.append(f"  {tag:>16}  {max(vals):.3f} / {sum(vals) / len(vals):.3f}")
     lines += [f"  ALARM {a.rule} ({a.action}) at token {a.step} {a.token!r}" for a in seq.alarms]
     if seq.classifiers:
         if "error" in seq.classifiers:

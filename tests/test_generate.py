@@ -123,6 +123,17 @@ def test_streaming_yields_the_same_tokens_as_the_batch_call(tiny):
     assert st.result is not None and st.result.sequences[0].text == batch.text
 
 
+def test_the_trace_shows_the_banned_tags_verdict(tiny):
+    from pretag.display import format_trace
+
+    model, tok, schema, _ = tiny
+    seq = generate(model, tok, schema, "y = 2\n", "ban:bad", GenerateConfig(max_new_tokens=24, seed=3)).sequences[0]
+    vals = [t.verdict["<|bad|>"] for t in seq.tokens if t.verdict]
+    trace = format_trace(seq, colour=False).splitlines()
+    i = next(k for k, line in enumerate(trace) if line.startswith(f"verdict at the {len(vals)} tag positions"))
+    assert trace[i + 1].split() == ["<|bad|>", f"{max(vals):.3f}", "/", f"{sum(vals) / len(vals):.3f}"]
+
+
 def test_token_records_carry_the_verdict_where_a_tag_is_asked_for(tiny):
     """Under the default policy a tag must come at every line start: there each record's verdict is the tags'
     shares of their probability (summing to 1); elsewhere it is empty. Streaming reports the same."""

@@ -105,6 +105,9 @@ def test_type_ban_stream_chart_and_alarm(page, server):
     assert page.inner_text("#status").startswith(f"done: {n} tokens")
     texts = page.locator("#output .tok").all_inner_texts()
     assert "<|bad|>" not in texts and texts[0] == "<|good|>"  # the forced tag after "Hello. " is the allowed one
+    # where a tag was asked for, the tooltip adds the verdict: each tag's share of the tags' probability
+    assert "\nverdict (share of the tags): good 0." in page.locator("#output .tok").first.get_attribute("title")
+    assert "verdict" not in page.locator("#output .tok").nth(1).get_attribute("title")
     # each token is coloured by its temptation; the chart has one series per tag with one point per token
     assert page.locator("#output .tok").first.evaluate("e => e.style.background").startswith("rgb")
     assert page.locator("#chart polyline.series").count() == 2

@@ -89,7 +89,9 @@ function addToken(tok) {
   span.className = "tok" + (tok.tag ? " tag" : "") + (tok.alarms && tok.alarms.length ? " alarmed" : "");
   span.textContent = tok.text;
   span.style.background = tokenColor(tok);
-  span.title = Object.entries(tok.temptation).map(([k, v]) => `${k}: ${v.toExponential(2)}`).join("\n");
+  span.title = Object.entries(tok.temptation).map(([k, v]) => `${k}: ${v.toExponential(2)}`).join("\n") +
+    (tok.verdict ? "\nverdict (share of the tags): " +
+      Object.entries(tok.verdict).map(([k, v]) => `${k} ${v.toFixed(3)}`).join(", ") : "");
   $("output").appendChild(span);
   for (const a of tok.alarms || []) showAlarm(a, tok.index);
   drawChart();
@@ -100,7 +102,8 @@ function showAlarm(a, index) {
   const el = $("alarm");
   el.hidden = false;
   const what = a.tag !== undefined
-    ? `temptation for "${a.tag}" was ${a.p.toExponential(2)} > ${a.threshold} at token ${index}`
+    ? `${a.reading === "verdict" ? "verdict" : "temptation"} for "${a.tag}" was ${a.p.toExponential(2)} > ` +
+      `${a.threshold} at token ${index}`
     : `rule ${a.rule} fired at token ${index}`;
   el.textContent = `⚠ Alarm (${a.source}, ${a.action}): ${what}` +
     (state.alarms.length > 1 ? ` · ${state.alarms.length} alarms` : "");
