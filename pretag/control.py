@@ -677,7 +677,11 @@ class TagProcessor(LogitsProcessor):
         for key in self._keys[len(self._acts):]:
             self._acts.append(self.plan.states.act[key])
             self._forced.append(self.plan.states.forced[key])
-            self._groups.append(key % (len(self.order) + 1) - 1)                # a key's last part is group + 1
+            self._groups.append(self._group_of(key))
+
+    def _group_of(self, keys):
+        """The group the text asked for, from compiled state keys: a key's last part (stride 1) is group + 1."""
+        return keys % (len(self.order) + 1) - 1
 
     # -- the call --
     def __call__(self, input_ids, scores):
@@ -858,7 +862,7 @@ class TagProcessor(LogitsProcessor):
         if self._keys:
             keys = torch.stack(self._keys, 1)                                    # (B, steps)
             action, forced = self.plan.states.act[keys], self.plan.states.forced[keys]
-            group = keys % (len(self.order) + 1) - 1                             # a key's last part is group + 1
+            group = self._group_of(keys)
         else:
             action, forced = torch.stack(self._acts, 1), torch.stack(self._forced, 1)
             group = torch.stack(self._groups, 1)
