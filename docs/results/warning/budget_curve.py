@@ -54,11 +54,14 @@ def main() -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(HERE / "budget-curve.png", dpi=120)
-    print("| tokens | seed | raw, mean | raw, first step | verdict at forced tags |\n|---|---|---|---|---|")
+    print("| tokens | seed | raw, mean | raw, first step | verdict at forced tags | verdict rule (max; protocol 4) |"
+          "\n|---|---|---|---|---|---|")
     for p in pts:
+        rule = (f"{p['auroc_verdict_max']:.2f} [{p['auroc_verdict_max_lo']:.2f}, {p['auroc_verdict_max_hi']:.2f}]"
+                if "auroc_verdict_max" in p else "–")
         print(f"| {p['tokens']:,} | {p['seed']} | {p['auroc']:.2f} [{p['auroc_lo']:.2f}, {p['auroc_hi']:.2f}] | "
               f"{p['auroc_first']:.2f} | {p['auroc_verdict']:.2f} [{p['auroc_verdict_lo']:.2f}, "
-              f"{p['auroc_verdict_hi']:.2f}] |")
+              f"{p['auroc_verdict_hi']:.2f}] | {rule} |")
 
 
 if __name__ == "__main__":
