@@ -4,8 +4,9 @@ A :class:`TagPolicy` says, per tag, ``allow`` / ``ban`` / ``force`` and a logit 
 (``force_at``: every segment start, the start of generation, or nowhere) and which :class:`Rule`s run at every
 step (ban after N tokens; flag, stop or switch policy when a tag's temptation, or its verdict at segment starts,
 stays above a threshold). Policies come from YAML files, shipped names (``pretag/configs/policies``) or a compact
-string (``ban:bad,bias:grade:6-10=+2,alarm:bad>0.3x2=stop,verdict:bad>0.5=stop``), and are validated against the model's schema: every problem
-is reported at once. :class:`pretag.control.TagProcessor` applies them inside ``model.generate``.
+string (``ban:bad,bias:grade:6-10=+2,alarm:bad>0.3x2=stop,verdict:bad>0.5=stop``), and are validated against the
+model's schema: every problem is reported at once. :class:`pretag.control.TagProcessor` applies them inside
+``model.generate``.
 """
 
 from __future__ import annotations
