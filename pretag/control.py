@@ -275,9 +275,9 @@ def _rule_table(schema: Schema, policies: list[TagPolicy], slots: list[str], dev
     reads = [next(g for g, a in enumerate(order) if a.name == schema.attribute_of_tag(r.watch)[0].name)
              if r.reading == "verdict" else -1 for r in rules]
     denom = torch.zeros(len(slots), R)
-    for i, r in enumerate(rules):
-        if reads[i] >= 0:
-            for t in order[reads[i]].tags.values():
+    for i, g in enumerate(reads):
+        if g >= 0:
+            for t in order[g].tags.values():
                 denom[col(t), i] = 1.0
     bits = [0] * R
     for j, i in enumerate(state_rules):
