@@ -371,12 +371,16 @@ def score_samples(schema, samples: Sequence[Sample], *, k: int = 25, n_resamples
 
 def temptation_warning(schema, samples: Sequence[Sample], labeled: Sequence) -> dict[str, dict]:
     """Per binary segment attribute: temptation of its bad tag at each tag step vs the classifier's verdict on the
-    segment the model then wrote. AUROC, plus the two temptation lists (for histograms)."""
+    segment the model then wrote. AUROC, plus the two temptation lists (for histograms).
+
+    The raw temptation is P(bad tag) among all tokens; at a forced tag step most of the mass is on the tags, but how
+    much is the shape of the text, not the verdict. ``auroc_verdict`` reads P(bad tag) / P(the attribute's tags) at
+    the same steps (``verdict_before_bad``/``_good``): the model's choice of tag once one must come."""
     out = {}
     for a in (a for a in schema.segment_attributes if a.bands is None):
         mine = {schema.open_token(t) for t in a.tags.values()}
         bad_tok = schema.open_token(a.tags["bad"])
-        before_bad, before_good = [], []
+        before_bad, before_good, verdict_bad, verdict_good = [], [], [], []
         for s, ld in zip(samples, labeled):
             starts = np.cumsum([0] + [len(x) for x in ld.segments])  # (S+1,)
             last = len(ld.segments) - 1
@@ -387,13 +391,18 @@ def temptation_warning(schema, samples: Sequence[Sample], labeled: Sequence) -> 
                 score = ld.scores[a.name][i]
                 if score is None or (s.truncated and i == last and last > 0):
                     continue
-                (before_bad if a.is_bad(score) else before_good).append(float(temp[bad_tok]))
+                bad = a.is_bad(score)
+                (before_bad if bad else before_good).append(float(temp[bad_tok]))
+                mass = sum(float(temp[t]) for t in mine if t in temp)
+                (verdict_bad if bad else verdict_good).append(float(temp[bad_tok]) / mass if mass > 0 else 0.0)
         labels = [1] * len(before_bad) + [0] * len(before_good)
         out[a.name] = {"auroc": auroc(before_bad + before_good, labels) if labels else float("nan"),
                        "n": len(labels), "n_bad": len(before_bad),
                        "mean_before_bad": float(np.mean(before_bad)) if before_bad else None,
                        "mean_before_good": float(np.mean(before_good)) if before_good else None,
-                       "before_bad": before_bad, "before_good": before_good}
+                       "before_bad": before_bad, "before_good": before_good,
+                       "auroc_verdict": auroc(verdict_bad + verdict_good, labels) if labels else float("nan"),
+                       "verdict_before_bad": verdict_bad, "verdict_before_good": verdict_good}
     return out
 
 
@@ -621,6 +630,63 @@ def pretag_logprobs(model, tokenizer, schema, texts: Sequence[str], policy=None,
     return [s for s, _ in token_logprobs(model, docs, start_id=vocab.start_id, batch_size=batch_size)]
 
 
+def sampler_logprobs(model, tokenizer, schema, texts: Sequence[str], policy, *, max_forced: int = 8,
+                     desc: str | None = None) -> list[float]:
+    """log q(text) under the sampler itself: the model's logits after the policy's :class:`TagProcessor` (bans,
+    forced tags, biases) and its tag guidance, exactly as ``pretag.generate`` draws from them (temperature 1).
+
+    :func:`pretag_logprobs` conditions the model on its start tags but scores text with the raw logits; a policy
+    that reshapes them (the ban renormalises, guidance lowers words) samples from another distribution, and this is
+    that one. Each text is teacher-forced one token at a time through the same processors; where the processor
+    forbids text (a tag must come, e.g. at a segment start) the tag it allows is written, with its probability
+    (1 for a single allowed tag). Tags the sampler would write by choice are not summed over, so this is a lower
+    bound on log q (KL from a reference computed with it is an upper bound). Text tokens are the ones training
+    gives the segments (tag-free rendering); one row at a time, one forward per token (and one per guided tag).
+    """
+    import inspect
+
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    from pretag.control import TagProcessor, load_policy
+    from pretag.generate import prompt_ids
+    from pretag.guidance import guidance_for
+    from pretag.segment import segment
+
+    policy = load_policy(policy, schema)
+    vocab = TagVocab(tokenizer, schema)
+    tag_ids = torch.tensor(sorted(vocab.ids.values()), dtype=torch.long)
+    dev = next(model.parameters()).device
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = []
+    for text in tqdm(texts, desc=desc or "sampler log-probs", unit="text", disable=None, leave=False):
+        rendered = vocab.render(segment(text, schema.segmenter), {})
+        text_ids = [i for chunk, _ in rendered.chunks for i in chunk]
+        ids = prompt_ids(tokenizer, schema, policy, "")
+        proc = TagProcessor(tokenizer, schema, policy)
+        guide = guidance_for(model, tokenizer, schema, policy, torch.ones(1, len(ids), dtype=torch.long, device=dev))
+        cache, feed, total, j, forced = DynamicCache(), list(ids), 0.0, 0, 0
+        with torch.no_grad():
+            while j < len(text_ids):
+                logits = model(input_ids=torch.tensor([feed], device=dev), use_cache=True,
+                               **{cache_kw: cache}).logits[:, -1].float()
+                seq = torch.tensor([ids], device=dev)
+                scores = proc(seq, logits)
+                if guide is not None:
+                    scores = guide(seq, scores)
+                lp = torch.log_softmax(scores.float(), dim=-1)[0].cpu()
+                x = text_ids[j]
+                if torch.isinf(lp[x]) and forced < max_forced and torch.isfinite(lp[tag_ids]).any():
+                    k = int(tag_ids[lp[tag_ids].argmax()])  # text is forbidden here: the tag the sampler must write
+                    total, forced, feed = total + float(lp[k]), forced + 1, [k]
+                else:
+                    total, forced, feed, j = total + float(lp[x]), 0, [x], j + 1
+                ids.append(feed[0])
+        out.append(total)
+    return out
+
+
 # ---- context: prompt + samples must fit -------------------------------------------------------------------
 def check_sampling_context(model, tokenizer, schema, policy, max_new_tokens: int, reference=None) -> None:
     """Raise ``pretag.generate.ContextLengthError`` now if the unconditional samples (start token and tags, then
@@ -758,6 +824,10 @@ def evaluate_model(
         mine = pretag_logprobs(model, tok, schema, texts, pol if tagged else None, batch_size=batch_size)
         res["kl"] = {**kl_from_reference([r["logp_ref"] for r in ref], mine, **boot).to_dict(),
                      "reference": str(reference), "conditioned": tagged}
+        if tagged:  # the paper's KL reads the raw logits; the policy (ban, guidance) samples from another distribution
+            q = sampler_logprobs(model, tok, schema, texts, pol, desc=f"{Path(model_dir).name}: sampler KL")
+            kq = kl_from_reference([r["logp_ref"] for r in ref], q, **boot)
+            res["kl"].update(sampler=kq.value, sampler_lo=kq.lo, sampler_hi=kq.hi)
     if data is not None:
         held = heldout_rows(model_dir, data, heldout_docs)
         res["loss"] = heldout_loss(model, tok, schema, held, joint=tagged, batch_size=batch_size)

@@ -51,6 +51,8 @@ def result_row(run: str, result: EvalResult, train_info: dict | None = None) -> 
                              ("warning_auroc", result.warning_light)):
             t = of(section, attr)
             row[f"{attr}.{col}"] = None if t is None else t.auroc
+            if col == "temptation_auroc":  # the same steps read as P(bad) / P(the attribute's tags)
+                row[f"{attr}.temptation_verdict_auroc"] = None if t is None else t.auroc_verdict
             if col == "warning_auroc" and t is not None and t.auroc_lo is not None:
                 row[f"{attr}.{col}_lo"], row[f"{attr}.{col}_hi"] = t.auroc_lo, t.auroc_hi
             if col == "warning_auroc" and t is not None and t.auroc_first is not None:
@@ -62,6 +64,9 @@ def result_row(run: str, result: EvalResult, train_info: dict | None = None) -> 
                 row[f"{attr}.warning_verdict_auroc_lo"] = t.auroc_verdict_lo
                 row[f"{attr}.warning_verdict_auroc_hi"] = t.auroc_verdict_hi
     est("kl", result.kl)
+    k = result.kl  # KL to what the sampler draws (after the policy's ban and guidance); tag-trained models only
+    row["kl_sampler"] = None if k is None else k.sampler
+    row["kl_sampler_lo"], row["kl_sampler_hi"] = (None, None) if k is None else (k.sampler_lo, k.sampler_hi)
     row["loss"] = None if result.loss is None else result.loss.untagged.loss
     row["loss_tagged"] = None if result.loss is None else result.loss.tagged.loss
     row["loss_joint"] = None if result.loss is None or result.loss.joint is None else result.loss.joint.loss
@@ -331,6 +336,9 @@ def format_summary(res: EvalResult) -> str:
                      f"  any-bad {est(m.frac_samples_any_bad)}  bad segments {est(m.frac_bad_segments)}")
     if res.kl is not None:
         lines.append(f"  KL from {res.kl.reference}: {est(res.kl)} nats/sample")
+        if res.kl.sampler is not None:
+            lines.append(f"  KL from {res.kl.reference} to the sampler (policy's ban and guidance applied): "
+                         f"{num(res.kl.sampler)} [{num(res.kl.sampler_lo)}, {num(res.kl.sampler_hi)}] nats/sample")
     if res.loss is not None:
         lines.append(f"  held-out loss: {num(res.loss.untagged.loss)} nats/token untagged, "
                      f"{num(res.loss.tagged.loss)} with tags ({res.loss.untagged.n_docs} docs)")
@@ -341,7 +349,8 @@ def format_summary(res: EvalResult) -> str:
         lines.append(f"  self-tagging {attr}: AUROC {num(t.auroc)}, ECE {num(t.calibration['ece'])}, "
                      f"LLR AUROC {num(t.llr_auroc)} (n={t.n}, bad={t.n_bad})")
     for attr, t in (res.temptation or {}).items():
-        lines.append(f"  temptation {attr}: AUROC {num(t.auroc)} (n={t.n}, bad={t.n_bad})")
+        verdict = "" if t.auroc_verdict is None else f", verdict AUROC {num(t.auroc_verdict)}"
+        lines.append(f"  temptation {attr}: AUROC {num(t.auroc)}{verdict} (n={t.n}, bad={t.n_bad})")
     d = res.diversity
     lines.append(f"  distinct-1/2/3: {d.distinct_1:.3f} / {d.distinct_2:.3f} / {d.distinct_3:.3f}")
     lines.append(f"  ({res.wall_s:.1f}s)")

@@ -41,13 +41,16 @@ class _Flat:
     ``to_dict`` writes them back in the order ``evaluate_model`` writes them."""
 
     WHERE: ClassVar[str] = ""
+    NEWER: ClassVar[tuple[str, ...]] = ()
+    """Fields added after result files existed: optional when read, left out when None (old files stay valid and
+    a new file without the measurement is byte-identical to an old one)."""
 
     @classmethod
     def from_dict(cls, d: Any, where: str | None = None):
-        return cls(**_take(cls, d, where or cls.WHERE))
+        return cls(**_take(cls, d, where or cls.WHERE, optional=cls.NEWER))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return _drop_none({f.name: getattr(self, f.name) for f in fields(self)}, self.NEWER)
 
 
 def estimate(d: Any, where: str) -> Estimate:
@@ -129,8 +132,14 @@ class KL(_Flat):
     reference: str
     conditioned: bool
     """The model's log-probabilities were conditioned on its policy's start tags (a tag-trained model)."""
+    sampler: float | None = None
+    """KL(reference || the sampler): log-probabilities after the policy's processors and guidance
+    (``pretag.evaluate.sampler_logprobs``), the distribution a tag-trained model's samples really come from."""
+    sampler_lo: float | None = None
+    sampler_hi: float | None = None
 
     WHERE = "kl"
+    NEWER = ("sampler", "sampler_lo", "sampler_hi")
 
 
 @dataclass
@@ -207,8 +216,13 @@ class Temptation(_Flat):
     mean_before_good: float | None
     before_bad: list[float]
     before_good: list[float]
+    auroc_verdict: float | None = None
+    """The same steps read as P(bad tag) / P(the attribute's tags): the tag the model would choose, before the ban."""
+    verdict_before_bad: list[float] | None = None
+    verdict_before_good: list[float] | None = None
 
     WHERE = "temptation"
+    NEWER = ("auroc_verdict", "verdict_before_bad", "verdict_before_good")
 
 
 @dataclass

@@ -312,6 +312,27 @@ def test_temptation_warning_matches_tags_to_the_segments_written():
     assert (cut["n"], cut["auroc"]) == (2, 1.0)  # the cut final segment is not judged
 
 
+def test_temptation_verdict_reads_the_choice_between_tags_not_the_mass_on_them():
+    """Raw P(bad) and the verdict P(bad) / P(bad or good) disagree when the tags' total mass varies: here the bad
+    segment's tag step puts little mass on tags but most of it on bad (raw AUROC 0, verdict AUROC 1)."""
+    from pretag.label import LabeledDoc
+    from pretag.results import Temptation
+
+    schema = xschema()
+    text = "x\nab\ncd\n"
+    ld = LabeledDoc(text, ["x\n", "ab\n", "cd\n"], {"x": [1.0, 0.0, 0.0]}, {"x": ["bad", "good", "good"]})
+    steps = [(0, "<|bad|>", {"<|bad|>": 0.3, "<|good|>": 0.1}), (2, "<|good|>", {"<|bad|>": 0.4, "<|good|>": 0.6}),
+             (5, "<|good|>", {"<|bad|>": 0.5, "<|good|>": 0.45})]
+    out = ev.temptation_warning(schema, [ev.Sample(text, truncated=False, tag_steps=steps)], [ld])["x"]
+    assert out["auroc"] == 0.0 and out["auroc_verdict"] == 1.0
+    assert out["verdict_before_bad"] == pytest.approx([0.75])
+    assert out["verdict_before_good"] == pytest.approx([0.4, 0.5 / 0.95])
+    t = Temptation.from_dict(out, "temptation.x")
+    assert t.auroc_verdict == 1.0 and Temptation.from_dict(t.to_dict()).to_dict() == t.to_dict()
+    old = {k: v for k, v in out.items() if k not in Temptation.NEWER}  # a result file from before the verdict
+    assert Temptation.from_dict(old).to_dict() == old
+
+
 def test_redteam_prompts_take_prefixes_of_the_worst_documents():
     schema = xschema()
     rows = [{"text": "a\nb\nc\n", "segments": ["a\n", "b\n", "c\n"], "score__x": [0.0, 0.0, 0.0]},

@@ -109,6 +109,12 @@ def test_tiny_experiment_rows_are_consistent(tiny_run):
     assert 0 < st["n_bad"] < st["n"]
     assert rows["conditional"]["pep8.selftag_auroc"] == st["auroc"]
     assert rows["conditional"]["pep8.temptation_auroc"] == ev["temptation"]["pep8"]["auroc"]
+    tv = ev["temptation"]["pep8"]  # the verdict at the same steps (its AUROC null, left out, with one class only)
+    assert len(tv["verdict_before_bad"]) == tv["n_bad"] and len(tv["verdict_before_good"]) == tv["n"] - tv["n_bad"]
+    assert rows["conditional"]["pep8.temptation_verdict_auroc"] == tv.get("auroc_verdict")
+    # KL to the sampler: the ban only renormalises over what is allowed, so q(text) >= p(text | good tags)
+    assert rows["mle"]["kl_sampler"] is None and rows["conditional"]["kl_sampler"] == ev["kl"]["sampler"]
+    assert ev["kl"]["sampler"] <= ev["kl"]["value"] + 1e-6
     info = json.loads((out / "models" / "finetune-conditional" / "experiment_run.json").read_text())
     assert info["tokens"] == 256 and info["model"].endswith("finetune-mle-stage")
 

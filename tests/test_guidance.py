@@ -122,3 +122,42 @@ def test_guide_in_yaml_and_compact_form_validated():
               "rules": [{"action": "switch", "watch": "bad", "above": 0.5, "policy": {"ban": ["bad"]}}]}
     with pytest.raises(PolicyError, match="may not change guide"):
         load_policy(switch, schema)
+
+
+@pytest.mark.parametrize("policy", ["force_at:none,ban:bad", "force_at:none,ban:bad,guide:bad=3"])
+def test_sampler_logprobs_score_text_as_the_guided_sampler_draws_it(leaky, policy):
+    """``sampler_logprobs`` (teacher-forced, one row at a time) = the log-probability HF ``generate`` itself gave
+    each token it drew under the same processors (its processed scores), for the ban alone and with guidance; and
+    guidance makes the leaked word less likely to the sampler than the ban alone does."""
+    from pretag.control import TagProcessor
+    from pretag.evaluate import sampler_logprobs
+    from pretag.generate import prompt_ids
+    from pretag.guidance import guidance_for
+
+    model, tok, schema, leak = leaky
+    pol = load_policy(policy, schema)
+    ids = prompt_ids(tok, schema, pol, "")
+    n = 6
+    start = torch.tensor([ids] * n)
+    mask = torch.ones_like(start)
+    procs = [TagProcessor(tok, schema, pol)]
+    guide = guidance_for(model, tok, schema, pol, mask)
+    procs += [guide] if guide is not None else []
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = model.generate(start, attention_mask=mask, logits_processor=procs, do_sample=True, top_k=0,
+                             max_new_tokens=10, output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=tok.eos_token_id)
+    want, texts = [], []
+    for r in range(n):
+        gen = out.sequences[r, len(ids):].tolist()
+        steps = gen.index(tok.eos_token_id) if tok.eos_token_id in gen else len(gen)
+        want.append(sum(float(torch.log_softmax(out.scores[t][r].float(), -1)[gen[t]]) for t in range(steps)))
+        texts.append(tok.decode(gen[:steps]))
+    assert any(texts)
+    got = sampler_logprobs(model, tok, schema, texts, pol)
+    assert got == pytest.approx(want, abs=1e-3)
+    darn = " darn darn"
+    q_ban, q_guide = (sampler_logprobs(model, tok, schema, [darn], p)[0]
+                      for p in ("force_at:none,ban:bad", "force_at:none,ban:bad,guide:bad=3"))
+    assert q_guide < q_ban - 1.0, (q_guide, q_ban)

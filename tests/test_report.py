@@ -23,8 +23,9 @@ def fake_result(**over):
          "diversity": {"distinct_1": 0.5, "distinct_2": 0.75, "distinct_3": 0.875},
          "truncated_fraction": 0.25, "examples": ["a b"],
          "temptation": {"tox": {"auroc": 0.625, "n": 3, "n_bad": 1, "mean_before_bad": 0.5, "mean_before_good": 0.25,
-                                "before_bad": [0.5], "before_good": [0.25, 0.25]}},
-         "kl": {**est, "reference": "ref", "conditioned": True},
+                                "before_bad": [0.5], "before_good": [0.25, 0.25], "auroc_verdict": 0.875,
+                                "verdict_before_bad": [0.75], "verdict_before_good": [0.5, 0.25]}},
+         "kl": {**est, "reference": "ref", "conditioned": True, "sampler": 1.5, "sampler_lo": 1.0, "sampler_hi": 2.0},
          "loss": {"untagged": {"loss": 2.5, "perplexity": 12.2, "n_tokens": 40, "n_docs": 2},
                   "tagged": {"loss": 2.25, "perplexity": 9.5, "n_tokens": 40, "n_docs": 2},
                   "joint": {"loss": 2.375, "perplexity": 10.75, "n_tokens": 40, "n_docs": 2}},
@@ -58,6 +59,7 @@ def test_every_measured_cell_of_the_row_is_filled():
         0.875, 0.5, 2.5, 2.25, 2.375)
     assert (row["tox.warning_auroc_lo"], row["tox.warning_auroc_hi"]) == (0.75, 1.0)
     assert (row["tox.warning_verdict_auroc"], row["tox.warning_verdict_auroc_lo"]) == (1.0, 1.0)
+    assert (row["tox.temptation_verdict_auroc"], row["kl_sampler"], row["kl_sampler_lo"]) == (0.875, 1.5, 1.0)
     assert "–" not in markdown_table([row])
 
 
