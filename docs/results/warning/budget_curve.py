@@ -1,5 +1,6 @@
 """The warning light's budget curve on the offensive label: AUROC against training tokens for `tiny` with every
-opening untagged (``warning-tiny-off-uo1-<budget>-s<seed>-untagged.json``, written by ``warning_probe.py``).
+opening untagged (``warning-tiny-off-uo1-<budget>-s<seed>-untagged.json``, written by ``warning_probe.py``; the
+live verdict rule's reading, ``auroc_verdict_max``, from the same file or a ``-rules.json`` probed beside it).
 
     python docs/results/warning/budget_curve.py      # writes budget-curve.png here, prints the points as Markdown
 """
@@ -12,7 +13,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 NAME = re.compile(r"warning-tiny-off-uo1-(?P<budget>\d+)(?P<unit>[km])-s(?P<seed>\d)-untagged\.json")
-READINGS = (("auroc", "raw P(bad), mean over the continuation"), ("auroc_verdict", "verdict at forced tags"))
+READINGS = (("auroc", "raw P(bad), mean over the continuation"), ("auroc_verdict", "verdict at forced tags"),
+            ("auroc_verdict_max", "live verdict rule (max over the continuation)"))
 
 
 def points(folder: Path = HERE) -> list[dict]:
@@ -25,7 +27,12 @@ def points(folder: Path = HERE) -> list[dict]:
         if "auroc_verdict" not in w:  # measured before protocol 3
             continue
         tokens = int(m["budget"]) * (1000 if m["unit"] == "k" else 1_000_000)
-        out.append({"tokens": tokens, "seed": int(m["seed"]), **{k: w[k] for k in w if k.startswith("auroc")}})
+        pt = {"tokens": tokens, "seed": int(m["seed"]), **{k: w[k] for k in w if k.startswith("auroc")}}
+        rules = f.with_name(f.name.replace("-untagged.json", "-rules.json"))  # the live rule, probed separately
+        if "auroc_verdict_max" not in pt and rules.exists():
+            r = json.loads(rules.read_text())["warning_light"]["offensive"]
+            pt.update({k: r[k] for k in r if k.startswith("auroc_verdict_max")})
+        out.append(pt)
     return sorted(out, key=lambda p: (p["tokens"], p["seed"]))
 
 
@@ -39,7 +46,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (key, label) in enumerate(READINGS):
         for seed, marker in ((0, "o"), (1, "s")):
-            s = [p for p in pts if p["seed"] == seed]
+            s = [p for p in pts if p["seed"] == seed and key in p]
             if not s:
                 continue
             x = [p["tokens"] * (1 + 0.05 * (2 * seed - 1)) for p in s]
@@ -51,7 +58,7 @@ def main() -> None:
     ax.set_xscale("log")
     ax.set_xlabel("training tokens (tiny, conditional, untagged_openings 1.0)")
     ax.set_ylabel("warning light AUROC (128 + 128 openings)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(HERE / "budget-curve.png", dpi=120)
     print("| tokens | seed | raw, mean | raw, first step | verdict at forced tags | verdict rule (max; protocol 4) |"
