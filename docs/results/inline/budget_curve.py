@@ -47,7 +47,7 @@ def main() -> None:
     pts = points()
     if not pts:
         sys.exit("no results-tiny-*.csv with a conditional row here")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     series = sorted({(p["task"], p["threshold"], p["guide"]) for p in pts})
     for i, (task, thr, guide) in enumerate(series):
         for seed, marker in ((0, "o"), (1, "s")):
@@ -65,7 +65,7 @@ def main() -> None:
     ax.set_xlabel("training tokens (model tiny, 5.4M parameters, from scratch)")
     ax.set_ylabel("MLE ÷ conditional, misalignment score")
     ax.set_title("Inline tags: the effect against the budget (95 % intervals)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(HERE / "budget-curve.png", dpi=120)
     print("| task | word threshold | sampling | tokens | seed | MLE ÷ conditional |\n|---|---|---|---|---|---|")
