@@ -643,22 +643,20 @@ def sampler_logprobs(model, tokenizer, schema, texts: Sequence[str], policy, *, 
     bound on log q (KL from a reference computed with it is an upper bound). Text tokens are the ones training
     gives the segments (tag-free rendering); one row at a time, one forward per token (and one per guided tag).
     """
-    import inspect
-
     import torch
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
     from pretag.control import TagProcessor, load_policy
     from pretag.generate import prompt_ids
-    from pretag.guidance import guidance_for
+    from pretag.guidance import cache_kwarg, guidance_for
     from pretag.segment import segment
 
     policy = load_policy(policy, schema)
     vocab = TagVocab(tokenizer, schema)
     tag_ids = torch.tensor(sorted(vocab.ids.values()), dtype=torch.long)
     dev = next(model.parameters()).device
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_kwarg(model)
     out = []
     for text in tqdm(texts, desc=desc or "sampler log-probs", unit="text", disable=None, leave=False):
         rendered = vocab.render(segment(text, schema.segmenter), {})

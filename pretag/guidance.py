@@ -26,6 +26,14 @@ from transformers import DynamicCache, LogitsProcessor
 MAX_GUIDE = 10.0
 
 
+def cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes a KV cache under: transformers renamed ``past_key_values`` to ``cache`` (5.2x);
+    older 5.x (the GPU machine's) take the old name."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TagGuidance(LogitsProcessor):
     """HF ``LogitsProcessor`` (put it after :class:`pretag.control.TagProcessor`): the penalty above, one KV cache
     per guided tag. ``prompt_mask`` (B, P) is the prompts' attention mask (left padding), one row per sequence
@@ -39,10 +47,7 @@ class TagGuidance(LogitsProcessor):
         self.prompt_mask = prompt_mask
         self.caches: dict[int, DynamicCache] = {}
         self.seen = 0  # positions of input_ids already in every cache
-        import inspect
-
-        # transformers renamed ``past_key_values`` to ``cache`` (5.2x); older 5.x (the GPU machine's) take the old name
-        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_kw = cache_kwarg(model)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         B, T = input_ids.shape
@@ -86,4 +91,4 @@ def refuse_guidance(policy, where: str) -> None:
                           "use pretag.generate.generate (sampling or greedy)")
 
 
-__all__: Sequence[str] = ("TagGuidance", "guidance_for", "refuse_guidance", "MAX_GUIDE")
+__all__: Sequence[str] = ("TagGuidance", "cache_kwarg", "guidance_for", "refuse_guidance", "MAX_GUIDE")

@@ -32,7 +32,8 @@ def points(folder: Path = HERE) -> list[dict]:
         if row is None or not row.get(f"{attr}.mle_ratio"):
             continue
         out.append({"task": attr, "threshold": 0.05 if m["t05"] else (0.1 if attr == "toxicity" else 0.5),
-                    "guide": int(m["guide"] or 0), "tokens": int(row["tokens"]), "seed": int(m["seed"]), "ratio": float(row[f"{attr}.mle_ratio"]),
+                    "guide": int(m["guide"] or 0), "tokens": int(row["tokens"]), "seed": int(m["seed"]),
+                    "ratio": float(row[f"{attr}.mle_ratio"]),
                     "lo": float(row[f"{attr}.mle_ratio_lo"]), "hi": float(row[f"{attr}.mle_ratio_hi"]),
                     "file": f.name})
     return sorted(out, key=lambda p: (p["task"], p["threshold"], p["guide"], p["tokens"], p["seed"]))
